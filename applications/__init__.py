@@ -1,0 +1,1 @@
+"""ddsuite.applications: continual replay, federated uploads, NAS proxies, privacy."""

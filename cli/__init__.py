@@ -1,0 +1,1 @@
+"""ddsuite.cli: the `ddsuite` command line."""

@@ -1,0 +1,1 @@
+"""ddsuite.core: the distillation engine shared by every application."""

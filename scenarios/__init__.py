@@ -1,0 +1,1 @@
+"""ddsuite.scenarios: YAML scenario files and their typed schema."""
