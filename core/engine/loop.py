@@ -1,0 +1,255 @@
+"""The outer loop shared by every distiller: seeding, callbacks, checkpoints, resume, saving."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_write, write_json
+from ..data import DatasetSplits
+from ..errors import ConfigError, DDSuiteError, NonFiniteError
+from ..evaluation import EvaluationProtocol
+from ..methods import Distiller, MethodConfig, config_from_dict, get_method
+from ..synthetic import META_FILE, SyntheticSet, is_artifact, load_artifact, save_artifact
+from .callbacks import Callback
+
+__all__ = ["CHECKPOINT_FILE", "DistillResult", "RunContext", "distill", "prepare_out_dir"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+RUN_FILE = "run.json"
+_RUN_MARKERS = (RUN_FILE, META_FILE, CHECKPOINT_FILE)
+
+
+@dataclass
+class RunContext:
+    """What callbacks see of a running distillation."""
+
+    method: str
+    distiller: Distiller
+    syn: SyntheticSet
+    splits: DatasetSplits
+    device: torch.device
+    seed: int
+    iterations: int
+    out_dir: Path | None
+    iteration: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistillResult:
+    """The finished set and where (if anywhere) it was written."""
+
+    syn: SyntheticSet
+    config: MethodConfig
+    protocol: EvaluationProtocol
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    seconds: float
+    out_dir: Path | None
+
+
+def _iteration_seed(seed: int, iteration: int) -> int:
+    """A seed per iteration, so iteration i does the same work fresh or resumed."""
+    return (seed * 1_000_003 + iteration * 7_919 + 1) % (2**63 - 1)
+
+
+def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create `out_dir`, or refuse an existing one unless resuming or overwriting a run."""
+    if resume and overwrite:
+        raise ConfigError(["--resume and --overwrite exclude each other; choose one"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError([f"output path {out_dir} exists and is not a folder"])
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if resume:
+            return
+        if not overwrite:
+            raise ConfigError([
+                f"output folder {out_dir} already exists; pass --resume to continue the run "
+                "in it, --overwrite to replace it, or choose another --out"
+            ])
+        if not any((out_dir / marker).exists() for marker in _RUN_MARKERS):
+            raise ConfigError([
+                f"refusing to overwrite {out_dir}: it is not a ddsuite run folder (none of "
+                f"{', '.join(_RUN_MARKERS)} is in it)"
+            ])
+        shutil.rmtree(out_dir)
+    elif resume:
+        raise ConfigError([f"nothing to resume: {out_dir} does not exist or is empty"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _run_key(method: str, config: MethodConfig, seed: int, splits: DatasetSplits) -> dict:
+    return {
+        "method": method,
+        "config": config.to_dict(),
+        "seed": seed,
+        "dataset": splits.identity.fingerprint,
+        "input_space": splits.input_space.to_dict(),
+    }
+
+
+def _save_checkpoint(out_dir: Path, ctx: RunContext, key: dict) -> None:
+    state = {
+        "iteration": ctx.iteration,
+        "syn": ctx.syn.tensors(),
+        "distiller": ctx.distiller.state_dict(),
+        "history": ctx.history,
+        "key": key,
+    }
+    atomic_write(out_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def _load_checkpoint(out_dir: Path, key: dict) -> dict | None:
+    path = out_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: say so instead of a deep traceback
+        raise DDSuiteError(f"cannot read checkpoint {path}: {exc}") from None
+    if state.get("key") != key:
+        old = state.get("key", {})
+        changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        raise ConfigError([
+            f"the checkpoint in {out_dir} was made with a different {', '.join(changed)}; "
+            "resume with the same settings, or pass --overwrite to start again"
+        ])
+    return state
+
+
+def resolve_config(method: str, config: MethodConfig | dict[str, Any] | None, *,
+                   dataset: str) -> MethodConfig:
+    """Build the method's config from a dict (all problems at once) and fill its defaults."""
+    cls = get_method(method)
+    if config is None:
+        config = cls.Config()
+    elif isinstance(config, dict):
+        config = config_from_dict(cls.Config, config, source=f"{method} config")
+    elif not isinstance(config, cls.Config):
+        raise ConfigError([f"{method} takes a {cls.Config.__name__}, got "
+                           f"{type(config).__name__}"])
+    return config.resolve(dataset=dataset)
+
+
+def distill(
+    method: str,
+    *,
+    splits: DatasetSplits,
+    config: MethodConfig | dict[str, Any] | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    out_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    overwrite: bool = False,
+    protocol: EvaluationProtocol | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> DistillResult:
+    """Distil `splits.train` with `method` and, with `out_dir`, write the run folder.
+
+    Args:
+        method: a registered method name (see `ddsuite.core.methods.list_methods`).
+        splits: the dataset, already on `device`.
+        config: the method's config object or a dict of its options; None: defaults.
+        seed: the run's seed; every random draw derives from it.
+        device: where to distil.
+        out_dir: run folder for the artifact, `run.json` and checkpoints; None keeps
+            everything in memory.
+        callbacks: hooks called at start, after each iteration and at the end.
+        checkpoint_every: iterations between checkpoints (0: none); needs `out_dir`.
+        resume: continue from the checkpoint in `out_dir`.
+        overwrite: replace an existing run folder.
+        protocol: the evaluation protocol recorded with the set; default: the method's own.
+        extra_meta: more provenance to store in the artifact's metadata.
+
+    Raises:
+        NonFiniteError: at the first non-finite loss, gradient or pixel; the last good
+            checkpoint is kept and no artifact is written.
+    """
+    device = torch.device(device)
+    config = resolve_config(method, config, dataset=splits.identity.name)
+    distiller = get_method(method)(config, splits=splits, device=device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    key = _run_key(method, config, seed, splits)
+    protocol = protocol or distiller.eval_protocol(config)
+    start = time.perf_counter()
+
+    if out is not None and resume and is_artifact(out) and not (out / CHECKPOINT_FILE).exists():
+        artifact = load_artifact(out, device=device)
+        if artifact.meta["config"] != config.to_dict() or artifact.meta["seed"] != seed:
+            raise ConfigError([f"{out} holds a finished run with other settings; "
+                               "pass --overwrite to replace it"])
+        logger.info("%s already holds the finished run; nothing to resume", out)
+        syn = SyntheticSet(artifact.images_syn, num_classes=artifact.num_classes,
+                           ipc=artifact.ipc)
+        return DistillResult(syn=syn, config=config, protocol=protocol, history=[],
+                             metrics=artifact.meta.get("metrics", {}), seconds=0.0, out_dir=out)
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        syn = distiller.initialize(torch.Generator().manual_seed(seed))
+        distiller.setup(syn)
+        ctx = RunContext(method=method, distiller=distiller, syn=syn, splits=splits,
+                         device=device, seed=seed, iterations=distiller.iterations,
+                         out_dir=out)
+        state = _load_checkpoint(out, key) if (out is not None and resume) else None
+        if state is not None:
+            syn.load_tensors({k: v.to(device) for k, v in state["syn"].items()})
+            distiller.load_state_dict(state["distiller"])
+            ctx.iteration = int(state["iteration"])
+            ctx.history = list(state["history"])
+            logger.info("resuming %s at iteration %d/%d", method, ctx.iteration, ctx.iterations)
+        if out is not None:
+            write_json(out / RUN_FILE, {"key": key, "protocol": protocol.to_dict(),
+                                        "iterations": ctx.iterations, "status": "running"})
+
+        for callback in callbacks:
+            callback.on_start(ctx)
+        while ctx.iteration < ctx.iterations:
+            iteration_seed = _iteration_seed(seed, ctx.iteration)
+            torch.manual_seed(iteration_seed)
+            generator = torch.Generator().manual_seed(iteration_seed)
+            metrics = distiller.step(syn, iteration=ctx.iteration, generator=generator)
+            bad = syn.non_finite()
+            if bad:
+                raise NonFiniteError(", ".join(bad), ctx.iteration)
+            ctx.iteration += 1
+            for callback in callbacks:
+                callback.on_step(ctx, metrics)
+            if out is not None and checkpoint_every > 0 and ctx.iteration % checkpoint_every == 0:
+                _save_checkpoint(out, ctx, key)
+
+        seconds = time.perf_counter() - start
+        ctx.metrics["distill_seconds"] = seconds
+        for callback in callbacks:
+            callback.on_end(ctx)
+
+    if out is not None:
+        save_artifact(
+            out, syn.tensors(), method=method, config=config.to_dict(), seed=seed,
+            dataset=splits.identity.to_dict(), input_space=splits.input_space.to_dict(),
+            protocol=protocol.to_dict(), metrics=ctx.metrics,
+            extra={"family": distiller.family, "iterations": ctx.iterations,
+                   "history": ctx.history, **(extra_meta or {})},
+        )
+        write_json(out / RUN_FILE, {"key": key, "protocol": protocol.to_dict(),
+                                    "iterations": ctx.iterations, "status": "finished",
+                                    "seconds": seconds})
+        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return DistillResult(syn=syn, config=config, protocol=protocol, history=ctx.history,
+                         metrics=ctx.metrics, seconds=seconds, out_dir=out)

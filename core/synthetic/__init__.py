@@ -1,0 +1,25 @@
+"""The learnable synthetic set, its initialisation, and the saved artifact."""
+
+from .artifact import (
+    ARTIFACT_FORMAT,
+    META_FILE,
+    TENSORS_FILE,
+    Artifact,
+    is_artifact,
+    load_artifact,
+    save_artifact,
+    update_metrics,
+)
+from .syn_set import SyntheticSet
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "META_FILE",
+    "TENSORS_FILE",
+    "Artifact",
+    "SyntheticSet",
+    "is_artifact",
+    "load_artifact",
+    "save_artifact",
+    "update_metrics",
+]

@@ -1,0 +1,219 @@
+"""The distilled-set artifact: a folder with tensors in safetensors and metadata in JSON.
+
+Layout of an artifact folder::
+
+    synthetic.safetensors   images_syn (N, C, H, W) float32, labels_syn (N,) int64,
+                            optional labels_soft (N, classes), log_step_size (1,)
+    artifact.json           format, method and resolved config, seed, dataset identity and
+                            class map, input space (normalisation, ZCA), evaluation protocol,
+                            library versions, metrics, and the sha256 of the tensors file
+
+Both files are written atomically, tensors first; the metadata records the tensors' checksum,
+so a truncated, edited or mismatched pair is detected on load. Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..atomic import atomic_write, write_json
+from ..errors import ArtifactError
+from ..provenance import library_versions, timestamp
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "META_FILE",
+    "TENSORS_FILE",
+    "Artifact",
+    "is_artifact",
+    "load_artifact",
+    "save_artifact",
+    "update_metrics",
+]
+
+ARTIFACT_FORMAT = "ddsuite.distilled-set/1"
+TENSORS_FILE = "synthetic.safetensors"
+META_FILE = "artifact.json"
+_REQUIRED_META = (
+    "format", "method", "config", "seed", "dataset", "input_space", "ipc", "num_classes",
+    "protocol", "versions", "tensors_sha256",
+)
+
+
+@dataclass
+class Artifact:
+    """A loaded distilled set: its tensors and its metadata."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+    path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_syn(self) -> Tensor:
+        return self.tensors["images_syn"]
+
+    @property
+    def labels_syn(self) -> Tensor:
+        return self.tensors["labels_syn"]
+
+    @property
+    def labels_soft(self) -> Tensor | None:
+        return self.tensors.get("labels_soft")
+
+    @property
+    def ipc(self) -> int:
+        return int(self.meta["ipc"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def method(self) -> str:
+        return str(self.meta["method"])
+
+    def size_bytes(self) -> int:
+        """Bytes of the stored tensors (what a user ships when sharing the set)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_artifact(
+    folder: str | Path,
+    tensors: dict[str, Tensor],
+    *,
+    method: str,
+    config: dict[str, Any],
+    seed: int,
+    dataset: dict[str, Any],
+    input_space: dict[str, Any],
+    protocol: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write an artifact folder (created if needed) and return its path.
+
+    Refuses tensors that hold NaN or infinity: a non-finite set is never written.
+    """
+    folder = Path(folder)
+    images = tensors["images_syn"]
+    labels = tensors["labels_syn"]
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ArtifactError(f"refusing to save: tensor {name!r} holds NaN or infinity")
+    num_classes = int(dataset["num_classes"])
+    if images.shape[0] % num_classes:
+        raise ArtifactError(
+            f"{images.shape[0]} images cannot be split evenly over {num_classes} classes"
+        )
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(folder / TENSORS_FILE, lambda tmp: save_file(cpu, str(tmp)))
+    meta = {
+        "format": ARTIFACT_FORMAT,
+        "created": timestamp(),
+        "method": method,
+        "config": config,
+        "seed": seed,
+        "ipc": images.shape[0] // num_classes,
+        "num_classes": num_classes,
+        "image_shape": list(images.shape[1:]),
+        "labels": "soft" if "labels_soft" in cpu else "hard",
+        "dataset": dataset,
+        "input_space": input_space,
+        "protocol": protocol,
+        "versions": library_versions(),
+        "metrics": metrics or {},
+        "size_bytes": sum(t.numel() * t.element_size() for t in cpu.values()),
+        "tensors_sha256": _sha256(folder / TENSORS_FILE),
+        **(extra or {}),
+    }
+    if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+        raise ArtifactError(f"labels_syn outside 0..{num_classes - 1}")
+    write_json(folder / META_FILE, meta)
+    return folder
+
+
+def is_artifact(folder: str | Path) -> bool:
+    return (Path(folder) / META_FILE).is_file()
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    meta_path = folder / META_FILE
+    if not folder.is_dir():
+        raise ArtifactError(f"no artifact folder at {folder}")
+    if not meta_path.is_file():
+        raise ArtifactError(
+            f"{folder} is not a distilled-set artifact: {META_FILE} is missing "
+            f"(expected {META_FILE} and {TENSORS_FILE}, as written by `ddsuite distill`)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{meta_path} is not valid JSON ({exc}); the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{meta_path} must hold a JSON object")
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(
+            f"{meta_path} has format {meta.get('format')!r}; this ddsuite reads {ARTIFACT_FORMAT!r}"
+        )
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    if missing:
+        raise ArtifactError(f"{meta_path} lacks required fields: {', '.join(missing)}")
+    return meta
+
+
+def load_artifact(folder: str | Path, *, device: torch.device | str = "cpu") -> Artifact:
+    """Load and verify an artifact folder; raises `ArtifactError` on any damage."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    tensors_path = folder / TENSORS_FILE
+    if not tensors_path.is_file():
+        raise ArtifactError(f"{tensors_path} is missing")
+    if _sha256(tensors_path) != meta["tensors_sha256"]:
+        raise ArtifactError(
+            f"{tensors_path} does not match the checksum in {META_FILE}: the tensors were "
+            "truncated, edited or replaced after the artifact was written"
+        )
+    try:
+        tensors = load_file(str(tensors_path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{tensors_path} cannot be read as safetensors: {exc}") from None
+    for key in ("images_syn", "labels_syn"):
+        if key not in tensors:
+            raise ArtifactError(f"{tensors_path} lacks tensor {key!r}")
+    images, labels = tensors["images_syn"], tensors["labels_syn"]
+    expected = int(meta["num_classes"]) * int(meta["ipc"])
+    if images.ndim != 4 or images.shape[0] != expected or labels.shape != (expected,):
+        raise ArtifactError(
+            f"tensor shapes {tuple(images.shape)} / {tuple(labels.shape)} do not match "
+            f"{meta['num_classes']} classes x {meta['ipc']} ipc in {META_FILE}"
+        )
+    if not torch.isfinite(images).all():
+        raise ArtifactError(f"{tensors_path} holds non-finite pixels")
+    return Artifact(tensors=tensors, meta=meta, path=folder)
+
+
+def update_metrics(folder: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Merge `metrics` into the artifact's metadata (atomic rewrite); returns the new meta."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    meta.setdefault("metrics", {}).update(metrics)
+    write_json(folder / META_FILE, meta)
+    return meta

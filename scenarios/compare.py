@@ -1,0 +1,164 @@
+"""The "distill-compare" scenario: several methods at several IPCs under one protocol.
+
+Every set is distilled into its own artifact folder and evaluated under the scenario's single
+evaluation protocol, so the numbers in the table are comparable with each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddsuite.core.atomic import write_json, write_text
+from ddsuite.core.data import list_datasets, load_dataset
+from ddsuite.core.device import resolve_device
+from ddsuite.core.engine import FinalEvaluation, ImageGrid, ProgressBar, distill
+from ddsuite.core.errors import ConfigError
+from ddsuite.core.evaluation import EvaluationProtocol
+from ddsuite.core.methods import config_from_dict, get_method, list_methods
+from ddsuite.core.provenance import library_versions, timestamp
+from ddsuite.core.report import format_mean_std, markdown_table
+
+from .registry import ScenarioKind, register_scenario_kind
+
+__all__ = ["CompareScenario", "DatasetSpec", "run_compare"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class DatasetSpec:
+    """Which dataset to distil and how to load it."""
+
+    name: str = "digits"
+    data_root: str | None = None
+    zca: bool = False
+    download: bool = False
+
+    def problems(self) -> list[str]:
+        known = list_datasets()
+        if self.name not in known and not self.name.startswith("imagefolder:"):
+            return [f"name: unknown dataset {self.name!r}; allowed: {', '.join(known)}"]
+        return []
+
+
+@dataclass(kw_only=True)
+class CompareScenario:
+    """A comparison of distillers on one dataset under one evaluation protocol."""
+
+    name: str
+    kind: str = "distill-compare"
+    description: str = ""
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    methods: list[dict] = field(default_factory=list)
+    ipc: list[int] = field(default_factory=lambda: [1, 10])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    evaluation: EvaluationProtocol = field(default_factory=EvaluationProtocol)
+    device: str = "auto"
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.methods:
+            out.append("methods: name at least one method, e.g. [{name: dm}]")
+        for i, entry in enumerate(self.methods):
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if name not in list_methods():
+                out.append(f"methods[{i}].name: {name!r} is not a method; allowed: "
+                           + ", ".join(list_methods()))
+                continue
+            options = {k: v for k, v in entry.items() if k != "name"}
+            if "ipc" in options:
+                out.append(f"methods[{i}].ipc: set ipc at the top level of the scenario")
+                continue
+            try:
+                config_from_dict(get_method(name).Config, options)
+            except ConfigError as exc:
+                out.extend(f"methods[{i}].{p}" for p in exc.problems)
+        if not self.ipc or any(not isinstance(v, int) or v < 1 for v in self.ipc):
+            out.append(f"ipc: expected a list of integers >= 1, got {self.ipc!r}")
+        if not self.seeds:
+            out.append("seeds: name at least one seed")
+        return out
+
+
+def _aggregate(accuracies: list[float]) -> tuple[float, float]:
+    mean = sum(accuracies) / len(accuracies)
+    return mean, math.sqrt(sum((a - mean) ** 2 for a in accuracies) / len(accuracies))
+
+
+def run_compare(scenario: CompareScenario, *, out_dir: Path, device: str | None = None,
+                resolved: dict[str, Any] | None = None) -> str:
+    """Run the comparison, write the report folder and return the markdown summary."""
+    device_ = resolve_device(device or scenario.device)
+    spec = scenario.dataset
+    splits = load_dataset(spec.name, data_root=spec.data_root, device=device_, zca=spec.zca,
+                          download=spec.download)
+    protocol = scenario.evaluation
+    write_text(out_dir / "scenario.yaml",
+               yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
+
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for ipc in scenario.ipc:
+        for entry in scenario.methods:
+            name = entry["name"]
+            options = {k: v for k, v in entry.items() if k != "name"}
+            accuracies: list[float] = []
+            seconds = 0.0
+            for seed in scenario.seeds:
+                label = f"{name}-ipc{ipc}-seed{seed}"
+                result = distill(
+                    name, splits=splits, config={**options, "ipc": ipc}, seed=seed,
+                    device=device_, out_dir=out_dir / "sets" / label, protocol=protocol,
+                    callbacks=[ProgressBar(label), FinalEvaluation(protocol),
+                               ImageGrid(out_dir / "sets" / label)],
+                    checkpoint_every=0,
+                )
+                evaluation = result.metrics["evaluation"]["scores"]
+                for score in evaluation.values():
+                    accuracies.extend(score["accuracies"])
+                seconds += result.seconds
+                print(f"{label}: " + ", ".join(
+                    f"{m} {format_mean_std(s['mean'], s['std'])}" for m, s in evaluation.items()))
+            mean, std = _aggregate(accuracies)
+            results.setdefault(name, {})[ipc] = {
+                "mean": mean, "std": std, "accuracies": accuracies,
+                "distill_seconds": seconds / len(scenario.seeds),
+            }
+
+    headers = ["method"] + [f"IPC {ipc}" for ipc in scenario.ipc]
+    rows = [[name] + [format_mean_std(by_ipc[ipc]["mean"], by_ipc[ipc]["std"])
+                      for ipc in scenario.ipc] for name, by_ipc in results.items()]
+    table = markdown_table(headers, rows)
+    models = ", ".join(protocol.models)
+    summary = (
+        f"# {scenario.name}\n\n{scenario.description.strip()}\n\n"
+        f"Test accuracy (%) on {splits.identity.name}, mean ± std over "
+        f"{protocol.num_eval} networks x {len(scenario.seeds)} seed(s); model(s) {models}; "
+        f"{protocol.resolved_epochs} epochs, augmentation {protocol.augmentation}.\n\n"
+        f"{table}\n"
+    )
+    metrics = {
+        "scenario": scenario.name,
+        "created": timestamp(),
+        "dataset": splits.identity.to_dict(),
+        "input_space": splits.input_space.to_dict(),
+        "protocol": protocol.to_dict(),
+        "device": str(device_),
+        "versions": library_versions(),
+        "results": {name: {str(ipc): r for ipc, r in by_ipc.items()}
+                    for name, by_ipc in results.items()},
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    write_text(out_dir / "summary.md", summary)
+    logger.info("wrote %s", out_dir)
+    return summary
+
+
+register_scenario_kind(ScenarioKind(
+    name="distill-compare", schema=CompareScenario, run=run_compare,
+    summary="compare distillers at several IPCs under one evaluation protocol"))
