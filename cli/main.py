@@ -210,9 +210,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_images(artifact.images_syn, artifact.labels_syn, splits, protocol=protocol,
                              device=device, seed=args.seed, labels_soft=artifact.labels_soft)
     record = result.to_dict()
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    write_json(folder / "evaluations" / f"evaluation-{stamp}.json", record)
     previous = artifact.meta.get("metrics", {}).get("evaluations", [])
+    number = len(previous) + 1
+    while (folder / "evaluations" / f"evaluation-{number:03d}.json").exists():
+        number += 1
+    write_json(folder / "evaluations" / f"evaluation-{number:03d}.json", record)
     update_metrics(folder, {"evaluations": previous + [record]})
     print(f"{artifact.method} set, ipc {artifact.ipc}, on {made_on['name']} "
           f"(protocol {protocol.name}, {protocol.resolved_epochs} epochs):")

@@ -102,17 +102,24 @@ def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | None:
         if key not in known:
             problems.append(f"{prefix}{key}: unknown option; allowed: {', '.join(sorted(known))}")
     values = {}
-    before = len(problems)
+    failed = False
     for key, value in data.items():
         if key in known:
-            values[key] = _convert(hints[key], value, f"{prefix}{key}", problems)
+            before = len(problems)
+            converted = _convert(hints[key], value, f"{prefix}{key}", problems)
+            if len(problems) == before:
+                values[key] = converted
+            else:
+                failed = True
     missing = [name for name, f in known.items()
                if name not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     for name in missing:
         problems.append(f"{prefix}{name}: required option is missing")
-    if len(problems) > before:
+    if missing:
         return None
+    # Fields that failed fall back to their defaults here, so that the object's own checks
+    # still run and every problem is reported in one go; the object is discarded if any failed.
     try:
         obj = cls(**values)
     except ConfigError as exc:
@@ -121,7 +128,7 @@ def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | None:
     check = getattr(obj, "problems", None)
     if callable(check):
         problems.extend(f"{prefix}{p}" if prefix else p for p in check())
-    return obj
+    return None if failed else obj
 
 
 def from_dict(cls: type[T], data: Any, *, source: str | None = None) -> T:

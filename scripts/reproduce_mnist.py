@@ -45,16 +45,16 @@ METHODS = ("random", "herding", "dc", "dsa", "dm")
 BUDGETS = {
     "cpu": {
         "options": {
-            ("herding", "*"): {"feature_steps": 100},
-            ("dc", 1): {"iterations": 100, "batch_real": 64},
-            ("dc", 10): {"iterations": 8, "batch_real": 64, "inner_loop": 10},
-            ("dsa", 1): {"iterations": 100, "batch_real": 64},
-            ("dsa", 10): {"iterations": 8, "batch_real": 64, "inner_loop": 10},
-            ("dm", 1): {"iterations": 300, "batch_real": 64},
-            ("dm", 10): {"iterations": 300, "batch_real": 64},
+            ("herding", "*"): {"feature_steps": 50},
+            ("dc", 1): {"iterations": 50, "batch_real": 32},
+            ("dc", 10): {"iterations": 5, "batch_real": 32, "inner_loop": 5},
+            ("dsa", 1): {"iterations": 50, "batch_real": 32},
+            ("dsa", 10): {"iterations": 5, "batch_real": 32, "inner_loop": 5},
+            ("dm", 1): {"iterations": 100, "batch_real": 32},
+            ("dm", 10): {"iterations": 100, "batch_real": 32},
         },
         "num_eval": 3,
-        "epochs": 150,
+        "epochs": 100,
     },
     "paper": {"options": {}, "num_eval": 5, "epochs": None},
 }

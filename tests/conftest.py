@@ -29,3 +29,25 @@ def shared_data_root() -> Path:
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def digits_splits():
+    """The embedded digits set (10 classes of 1x8x8 images), loaded once; never mutate it."""
+    from ddsuite.core.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_single_thread():
+    """One intra-op thread for the whole suite, restored afterwards.
+
+    On a small shared CPU, OpenMP's two threads contend with other processes and turn a
+    millisecond ConvNet step into a third of a second; one thread keeps the tests fast and
+    their floating-point results independent of the machine's load.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

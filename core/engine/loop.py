@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "run.json"
-_RUN_MARKERS = (RUN_FILE, META_FILE, CHECKPOINT_FILE)
+# Files that mark a folder as written by ddsuite (a run, an artifact, a scenario report).
+_RUN_MARKERS = (RUN_FILE, META_FILE, CHECKPOINT_FILE, "scenario.yaml", "metrics.json")
 
 
 @dataclass
@@ -181,18 +182,23 @@ def distill(
     device = torch.device(device)
     config = resolve_config(method, config, dataset=splits.identity.name)
     distiller = get_method(method)(config, splits=splits, device=device)
+    protocol = protocol or distiller.eval_protocol(config)
+    protocol.check_models(image_shape=splits.train.image_shape,
+                          num_classes=splits.train.num_classes)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         prepare_out_dir(out, resume=resume, overwrite=overwrite)
     key = _run_key(method, config, seed, splits)
-    protocol = protocol or distiller.eval_protocol(config)
     start = time.perf_counter()
 
     if out is not None and resume and is_artifact(out) and not (out / CHECKPOINT_FILE).exists():
         artifact = load_artifact(out, device=device)
-        if artifact.meta["config"] != config.to_dict() or artifact.meta["seed"] != seed:
-            raise ConfigError([f"{out} holds a finished run with other settings; "
-                               "pass --overwrite to replace it"])
+        finished_key = artifact.meta.get("run_key")
+        if finished_key != key:
+            changed = sorted(k for k in set(finished_key or {}) | set(key)
+                             if (finished_key or {}).get(k) != key.get(k))
+            raise ConfigError([f"{out} holds a finished run with a different "
+                               f"{', '.join(changed)}; pass --overwrite to replace it"])
         logger.info("%s already holds the finished run; nothing to resume", out)
         syn = SyntheticSet(artifact.images_syn, num_classes=artifact.num_classes,
                            ipc=artifact.ipc)
@@ -244,7 +250,7 @@ def distill(
             out, syn.tensors(), method=method, config=config.to_dict(), seed=seed,
             dataset=splits.identity.to_dict(), input_space=splits.input_space.to_dict(),
             protocol=protocol.to_dict(), metrics=ctx.metrics,
-            extra={"family": distiller.family, "iterations": ctx.iterations,
+            extra={"family": distiller.family, "iterations": ctx.iterations, "run_key": key,
                    "history": ctx.history, **(extra_meta or {})},
         )
         write_json(out / RUN_FILE, {"key": key, "protocol": protocol.to_dict(),

@@ -2,7 +2,7 @@
 
 from .evaluate import EvaluationResult, ModelScore, check_input_space, evaluate_images
 from .protocol import EvaluationProtocol
-from .trainer import TrainedNetworks, test_accuracy, train_networks
+from .trainer import TrainedNetworks, networks_accuracy, train_networks
 
 __all__ = [
     "EvaluationProtocol",
@@ -11,6 +11,6 @@ __all__ = [
     "TrainedNetworks",
     "check_input_space",
     "evaluate_images",
-    "test_accuracy",
+    "networks_accuracy",
     "train_networks",
 ]

@@ -14,7 +14,7 @@ from ..data import DatasetSplits
 from ..errors import InputSpaceMismatchError
 from ..provenance import library_versions, timestamp
 from .protocol import EvaluationProtocol
-from .trainer import test_accuracy, train_networks
+from .trainer import networks_accuracy, train_networks
 
 __all__ = ["EvaluationResult", "ModelScore", "check_input_space", "evaluate_images"]
 
@@ -110,7 +110,7 @@ def evaluate_images(
     for model in protocol.models:
         networks = train_networks(images, targets, model=model, num_classes=test.num_classes,
                                   protocol=protocol, device=device, seed=seed)
-        accuracy = test_accuracy(networks, test_images, test_labels)
+        accuracy = networks_accuracy(networks, test_images, test_labels)
         diverged = int((~torch.isfinite(networks.final_loss)).sum())
         if diverged:
             logger.warning("%d of %d %s networks diverged (non-finite loss); their accuracy "

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ..errors import ConfigError
+import torch
+
+from ..augment import DiffAugment
+from ..errors import ConfigError, DDSuiteError
 
 __all__ = ["EvaluationProtocol"]
 
@@ -73,6 +76,15 @@ class EvaluationProtocol:
             out.append(f"optimizer {self.optimizer!r} is not one of {', '.join(_OPTIMIZERS)}")
         if not self.lr > 0:
             out.append(f"lr must be > 0, got {self.lr}")
+        if self.momentum < 0:
+            out.append(f"momentum must be >= 0, got {self.momentum}")
+        if self.weight_decay < 0:
+            out.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.augmentation not in ("none", ""):
+            try:
+                DiffAugment(self.augmentation)
+            except ConfigError as exc:
+                out.extend(f"augmentation: {p}" for p in exc.problems)
         if not 0 <= self.lr_decay_at <= 1:
             out.append(f"lr_decay_at must be in [0, 1], got {self.lr_decay_at}")
         if self.batch_size < 1:
@@ -92,6 +104,21 @@ class EvaluationProtocol:
         if self.epochs is not None:
             return self.epochs
         return 1000 if self.uses_augmentation else 300
+
+    def check_models(self, *, image_shape: tuple[int, ...], num_classes: int) -> None:
+        """Build each model once on the CPU, so a bad spec fails before any training."""
+        from ..models import build_model
+
+        problems = []
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+            for spec in self.models:
+                try:
+                    build_model(spec, in_channels=image_shape[0], num_classes=num_classes,
+                                image_size=tuple(image_shape[1:]), device="cpu")
+                except DDSuiteError as exc:
+                    problems.append(f"models: {spec!r}: {exc}")
+        if problems:
+            raise ConfigError(problems, source="evaluation protocol")
 
     def with_overrides(self, **changes: Any) -> "EvaluationProtocol":
         known = {f.name for f in fields(self)}

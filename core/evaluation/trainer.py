@@ -32,7 +32,7 @@ from ..augment import DiffAugment
 from ..models import build_model
 from .protocol import EvaluationProtocol
 
-__all__ = ["STACK_MODES", "TrainedNetworks", "test_accuracy", "train_networks"]
+__all__ = ["STACK_MODES", "TrainedNetworks", "networks_accuracy", "train_networks"]
 
 STACK_MODES = ("auto", "vmap", "loop")
 
@@ -236,7 +236,7 @@ def train_networks(
 
 
 @torch.no_grad()
-def test_accuracy(networks: TrainedNetworks, images: Tensor, labels: Tensor, *,
+def networks_accuracy(networks: TrainedNetworks, images: Tensor, labels: Tensor, *,
                   batch_size: int = 1024) -> Tensor:
     """Accuracy of each network on (images, labels), (K,) in [0, 1]."""
     correct = torch.zeros(networks.num_networks, device=images.device)

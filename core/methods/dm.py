@@ -73,7 +73,7 @@ class DistributionMatching(Distiller):
         mean_syn = net.embed(images_syn).view(classes, ipc, -1).mean(dim=1)
         loss = ((mean_real - mean_syn) ** 2).sum()
         self.update_images(loss, iteration=iteration)
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     @classmethod
     def eval_protocol(cls, config: MethodConfig) -> EvaluationProtocol:

@@ -212,7 +212,7 @@ class _GradientMatching(Distiller):
                 net, images_syn.view(classes, ipc, *images_syn.shape[1:]), create_graph=True)
             loss = gradient_distance(g_real, g_syn, distance=config.distance)
             self.update_images(loss, iteration=iteration)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
 
             if outer == config.outer_loop - 1:
                 break

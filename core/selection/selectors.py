@@ -58,10 +58,12 @@ def k_center(features: Tensor, k: int, generator: torch.Generator) -> Tensor:
     first = int((features - features.mean(dim=0)).norm(dim=1).argmin())
     chosen = [first]
     min_distance = (features - features[first]).norm(dim=1)  # (n,)
+    min_distance[first] = -1.0  # chosen rows never win again, even among duplicates
     for _ in range(1, k):
         index = int(min_distance.argmax())
         chosen.append(index)
         min_distance = torch.minimum(min_distance, (features - features[index]).norm(dim=1))
+        min_distance[chosen] = -1.0
     return torch.tensor(chosen, dtype=torch.long, device=features.device)
 
 

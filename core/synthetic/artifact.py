@@ -123,6 +123,11 @@ def save_artifact(
         raise ArtifactError(
             f"{images.shape[0]} images cannot be split evenly over {num_classes} classes"
         )
+    if labels.shape != (images.shape[0],) or labels.is_floating_point():
+        raise ArtifactError(f"labels_syn must be ({images.shape[0]},) integers, got "
+                            f"{tuple(labels.shape)} {labels.dtype}")
+    if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+        raise ArtifactError(f"labels_syn outside 0..{num_classes - 1}")
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(folder / TENSORS_FILE, lambda tmp: save_file(cpu, str(tmp)))
     meta = {
@@ -144,8 +149,6 @@ def save_artifact(
         "tensors_sha256": _sha256(folder / TENSORS_FILE),
         **(extra or {}),
     }
-    if int(labels.max()) >= num_classes or int(labels.min()) < 0:
-        raise ArtifactError(f"labels_syn outside 0..{num_classes - 1}")
     write_json(folder / META_FILE, meta)
     return folder
 
@@ -176,6 +179,13 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     missing = [key for key in _REQUIRED_META if key not in meta]
     if missing:
         raise ArtifactError(f"{meta_path} lacks required fields: {', '.join(missing)}")
+    for key in ("ipc", "num_classes"):
+        value = meta[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ArtifactError(f"{meta_path}: {key} must be a positive integer, got {value!r}")
+    for key in ("dataset", "input_space", "protocol", "config"):
+        if not isinstance(meta[key], dict):
+            raise ArtifactError(f"{meta_path}: {key} must be a JSON object")
     return meta
 
 
@@ -205,8 +215,11 @@ def load_artifact(folder: str | Path, *, device: torch.device | str = "cpu") -> 
             f"tensor shapes {tuple(images.shape)} / {tuple(labels.shape)} do not match "
             f"{meta['num_classes']} classes x {meta['ipc']} ipc in {META_FILE}"
         )
-    if not torch.isfinite(images).all():
-        raise ArtifactError(f"{tensors_path} holds non-finite pixels")
+    if not images.is_floating_point() or not torch.isfinite(images).all():
+        raise ArtifactError(f"{tensors_path} holds non-finite or non-float pixels")
+    classes = int(meta["num_classes"])
+    if labels.is_floating_point() or int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise ArtifactError(f"{tensors_path}: labels_syn must be integers in 0..{classes - 1}")
     return Artifact(tensors=tensors, meta=meta, path=folder)
 
 
