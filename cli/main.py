@@ -16,8 +16,18 @@ __all__ = ["main"]
 EPILOG_DISTILL = """examples:
   ddsuite distill --dataset digits --method dm --ipc 10 --out runs/dm-digits
   ddsuite distill --dataset mnist --data-root ../shared/data --method dc --ipc 1 \\
-      --set iterations=200 --out runs/dc-mnist
+      --iterations 200 --set batch_real=64 --out runs/dc-mnist
 """
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,11 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="run folder to write")
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
     d.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    d.add_argument("--checkpoint-every", type=int, default=50,
+    d.add_argument("--checkpoint-every", type=_non_negative, default=50,
                    help="iterations between checkpoints (default 50; 0: none)")
-    d.add_argument("--eval-every", type=int, default=0,
+    d.add_argument("--eval-every", type=_non_negative, default=0,
                    help="evaluate every N iterations (default 0: only at the end)")
-    d.add_argument("--grid-every", type=int, default=0,
+    d.add_argument("--grid-every", type=_non_negative, default=0,
                    help="write an image grid every N iterations (default: only at the end)")
     d.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     _add_protocol_options(d)
@@ -131,6 +141,7 @@ def _parse_sets(items: Sequence[str]) -> dict:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    from ddsuite.core.errors import ConfigError
     from ddsuite.core.data import load_dataset
     from ddsuite.core.device import resolve_device
     from ddsuite.core.engine import (FinalEvaluation, ImageGrid, LogMetrics, PeriodicEvaluation,
@@ -140,9 +151,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     options = _parse_sets(args.set)
-    options["ipc"] = args.ipc
-    if args.iterations is not None:
-        options["iterations"] = args.iterations
+    for key, value in (("ipc", args.ipc), ("iterations", args.iterations)):
+        if key in options and value is not None:
+            raise ConfigError([f"{key} given twice: --{key} {value} and --set {key}="
+                               f"{options[key]}; give it once"])
+        if value is not None:
+            options[key] = value
     config = resolve_config(args.method, options, dataset=args.dataset)  # fail before loading
     splits = load_dataset(args.dataset, data_root=args.data_root, device=device, zca=args.zca,
                           download=args.download)
@@ -193,10 +207,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ddsuite.core.device import resolve_device
     from ddsuite.core.evaluation import EvaluationProtocol, check_input_space, evaluate_images
     from ddsuite.core.report import format_mean_std
-    from ddsuite.core.synthetic import load_artifact, update_metrics
+    from ddsuite.core.synthetic import META_FILE, TENSORS_FILE, load_artifact, update_metrics
 
     device = resolve_device(args.device)
     folder = Path(args.artifact)
+    if folder.is_file() and folder.name in (META_FILE, TENSORS_FILE):
+        folder = folder.parent  # the user pointed at a file of the artifact
     artifact = load_artifact(folder, device=device)
     made_on = artifact.meta["dataset"]
     zca = artifact.meta["input_space"].get("zca") is not None
@@ -225,17 +241,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ddsuite.core.engine import prepare_out_dir
     from ddsuite.scenarios import load_scenario
 
     loaded = load_scenario(args.scenario, args.set)
     name = getattr(loaded.config, "name", "scenario")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"{name}-{stamp}"
-    prepare_out_dir(out, resume=False, overwrite=args.overwrite)
     print(f"running scenario {name!r} ({loaded.kind.name}) -> {out}")
     summary = loaded.kind.run(loaded.config, out_dir=out, device=args.device,
-                              resolved=loaded.resolved)
+                              resolved=loaded.resolved, overwrite=args.overwrite)
     print()
     print(summary)
     print(f"report folder: {out}")
@@ -280,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except DDSuiteError as exc:
         print(f"ddsuite {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that cannot be read or written
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"ddsuite {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ddsuite {args.command}: interrupted; the last checkpoint (if any) is kept",

@@ -6,7 +6,21 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device"]
+__all__ = ["device_problems", "resolve_device"]
+
+
+def device_problems(name: object) -> list[str]:
+    """Problems with a device name's form (not whether the device is present)."""
+    allowed = "allowed: auto, cpu, cuda, cuda:N, mps"
+    if not isinstance(name, str):
+        return [f"device: expected a string, got {name!r}; {allowed}"]
+    if name == "auto":
+        return []
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return [f"device: {name!r} is not a device; {allowed}"]
+    return []
 
 
 def resolve_device(name: str) -> torch.device:

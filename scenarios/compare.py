@@ -16,8 +16,8 @@ import yaml
 
 from ddsuite.core.atomic import write_json, write_text
 from ddsuite.core.data import list_datasets, load_dataset
-from ddsuite.core.device import resolve_device
-from ddsuite.core.engine import FinalEvaluation, ImageGrid, ProgressBar, distill
+from ddsuite.core.device import device_problems, resolve_device
+from ddsuite.core.engine import FinalEvaluation, ImageGrid, ProgressBar, distill, prepare_out_dir
 from ddsuite.core.errors import ConfigError
 from ddsuite.core.evaluation import EvaluationProtocol
 from ddsuite.core.methods import config_from_dict, get_method, list_methods
@@ -55,9 +55,11 @@ class CompareScenario:
     kind: str = "distill-compare"
     description: str = ""
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
-    methods: list[dict] = field(default_factory=list)
-    ipc: list[int] = field(default_factory=lambda: [1, 10])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    # Typed loosely here and checked item by item in problems(), so one malformed entry does
+    # not hide the problems of the others.
+    methods: list[Any] = field(default_factory=list)
+    ipc: list[Any] = field(default_factory=lambda: [1, 10])
+    seeds: list[Any] = field(default_factory=lambda: [0])
     evaluation: EvaluationProtocol = field(default_factory=EvaluationProtocol)
     device: str = "auto"
 
@@ -66,7 +68,11 @@ class CompareScenario:
         if not self.methods:
             out.append("methods: name at least one method, e.g. [{name: dm}]")
         for i, entry in enumerate(self.methods):
-            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict):
+                out.append(f"methods[{i}]: expected a mapping such as {{name: dm, "
+                           f"iterations: 100}}, got {entry!r}")
+                continue
+            name = entry.get("name")
             if name not in list_methods():
                 out.append(f"methods[{i}].name: {name!r} is not a method; allowed: "
                            + ", ".join(list_methods()))
@@ -79,11 +85,16 @@ class CompareScenario:
                 config_from_dict(get_method(name).Config, options)
             except ConfigError as exc:
                 out.extend(f"methods[{i}].{p}" for p in exc.problems)
-        if not self.ipc or any(not isinstance(v, int) or v < 1 for v in self.ipc):
-            out.append(f"ipc: expected a list of integers >= 1, got {self.ipc!r}")
-        if not self.seeds:
-            out.append("seeds: name at least one seed")
+        if not self.ipc or any(not _is_int(v) or v < 1 for v in self.ipc):
+            out.append(f"ipc: expected a non-empty list of integers >= 1, got {self.ipc!r}")
+        if not self.seeds or any(not _is_int(v) for v in self.seeds):
+            out.append(f"seeds: expected a non-empty list of integers, got {self.seeds!r}")
+        out.extend(device_problems(self.device))
         return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _aggregate(accuracies: list[float]) -> tuple[float, float]:
@@ -92,13 +103,22 @@ def _aggregate(accuracies: list[float]) -> tuple[float, float]:
 
 
 def run_compare(scenario: CompareScenario, *, out_dir: Path, device: str | None = None,
-                resolved: dict[str, Any] | None = None) -> str:
-    """Run the comparison, write the report folder and return the markdown summary."""
+                resolved: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+    """Run the comparison, write the report folder and return the markdown summary.
+
+    Everything that can be checked (device, dataset, models) is checked before the report
+    folder is created, so a failed start leaves nothing behind.
+    """
     device_ = resolve_device(device or scenario.device)
     spec = scenario.dataset
     splits = load_dataset(spec.name, data_root=spec.data_root, device=device_, zca=spec.zca,
                           download=spec.download)
     protocol = scenario.evaluation
+    protocol.check_models(image_shape=splits.train.image_shape,
+                          num_classes=splits.train.num_classes)
+    for ipc in scenario.ipc:
+        splits.train.check_ipc(ipc)
+    prepare_out_dir(out_dir, resume=False, overwrite=overwrite)
     write_text(out_dir / "scenario.yaml",
                yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
 

@@ -30,7 +30,9 @@ __all__ = [
 class ScenarioKind:
     """A kind of scenario: its typed schema and the harness that runs it.
 
-    `run(config, *, out_dir, device)` writes the report folder and returns its summary text.
+    `run(config, *, out_dir, device, resolved, overwrite)` checks what it can, creates the
+    report folder (refusing an existing one unless `overwrite`), writes the report and
+    returns its summary text.
     """
 
     name: str
@@ -82,6 +84,13 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _list_index_problem(item: str, part: str, node: list) -> str | None:
+    if part.isdigit() and int(part) < len(node):
+        return None
+    return (f"override {item!r}: {part!r} is not an index of a list with {len(node)} "
+            f"entries (0..{len(node) - 1})")
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply `key.sub=value` overrides (values parsed as YAML) to a copy of `data`."""
     out = copy.deepcopy(data)
@@ -94,17 +103,25 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         parts = key.strip().split(".")
         node: Any = out
         for part in parts[:-1]:
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            if isinstance(node, list):
+                problem = _list_index_problem(item, part, node)
+                if problem:
+                    problems.append(problem)
+                    break
                 node = node[int(part)]
             elif isinstance(node, dict):
                 node = node.setdefault(part, {})
             else:
-                problems.append(f"override {item!r}: {part!r} does not name a mapping")
+                problems.append(f"override {item!r}: {part!r} does not name a mapping or list")
                 break
         else:
             last = parts[-1]
-            if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-                node[int(last)] = _parse_value(text)
+            if isinstance(node, list):
+                problem = _list_index_problem(item, last, node)
+                if problem:
+                    problems.append(problem)
+                else:
+                    node[int(last)] = _parse_value(text)
             elif isinstance(node, dict):
                 node[last] = _parse_value(text)
             else:

@@ -168,7 +168,7 @@ BAD_DISTILL = {
                         ["unknown dataset 'nodata'", "digits", "mnist"]),
     "unknown method": (["--method", "dmx", "--ipc", "1"],
                        ["unknown method 'dmx'", *list_methods()]),
-    "unknown model": (["--method", "random", "--ipc", "1", "--models", "convnet,nosuchnet"],
+    "unknown model": (["--method", "dm", "--ipc", "1", "--models", "convnet,nosuchnet"],
                       ["unknown model 'nosuchnet'", "convnet", "mlp"]),
     "ipc 0": (["--method", "dm", "--ipc", "0"], ["ipc", ">= 1", "got 0"]),
     "negative ipc": (["--method", "random", "--ipc", "-3"], ["ipc", ">= 1"]),

@@ -50,7 +50,9 @@ def cheap(method: str) -> dict:
     """A short config for `method` (methods registered later get the generic options)."""
     if method in CHEAP:
         return dict(CHEAP[method])
-    fields = get_method(method).Config.__dataclass_fields__
+    fields = set(get_method(method).Config.__dataclass_fields__)
+    if not get_method(method).iterative:
+        fields.discard("iterations")  # one-shot selections refuse an iteration count
     options = {"ipc": 1, "iterations": 3, "batch_real": 8, "model": "convnet(width=16)"}
     return {k: v for k, v in options.items() if k in fields}
 
@@ -104,7 +106,7 @@ def test_absurd_learning_rate_stops_with_non_finite_error(tmp_path, digits_split
     assert f"iteration {error.iteration}" in str(error)
     assert "learning rate" in str(error)
     assert not (out / META_FILE).exists() and not (out / TENSORS_FILE).exists()
-    assert _run_status(out) == "running"
+    assert _run_status(out) == "failed"
     if error.iteration > 0:  # the last good state is on disk
         state = _checkpoint(out)
         assert state["iteration"] == error.iteration
@@ -162,13 +164,25 @@ def test_overwrite_is_refused_for_a_folder_that_is_not_a_run(tmp_path, digits_sp
 def test_overwrite_replaces_a_finished_run(tmp_path, digits_splits):
     out = tmp_path / "run"
     distill("random", splits=digits_splits, config=cheap("random"), seed=0, out_dir=out)
-    (out / "stale.txt").write_text("from the old run")
+    (out / "grids").mkdir()
+    (out / "grids" / "stale.png").write_bytes(b"from the old run")
     second = distill("random", splits=digits_splits, config=cheap("random"), seed=1,
                      out_dir=out, overwrite=True)
-    assert not (out / "stale.txt").exists()
+    assert not (out / "grids" / "stale.png").exists()
     artifact = load_artifact(out)
     assert artifact.meta["seed"] == 1
     assert torch.equal(artifact.images_syn, second.syn.images_syn.detach())
+
+
+def test_overwrite_refuses_a_run_folder_holding_foreign_files(tmp_path, digits_splits):
+    out = tmp_path / "run"
+    distill("random", splits=digits_splits, config=cheap("random"), seed=0, out_dir=out)
+    (out / "thesis.tex").write_text("not ddsuite's")
+    with pytest.raises(ConfigError, match="thesis.tex"):
+        distill("random", splits=digits_splits, config=cheap("random"), seed=1,
+                out_dir=out, overwrite=True)
+    assert (out / "thesis.tex").read_text() == "not ddsuite's"
+    assert load_artifact(out).meta["seed"] == 0
 
 
 def test_prepare_out_dir_rules(tmp_path):
@@ -196,7 +210,7 @@ def interrupted(tmp_path, digits_splits):
 def test_interrupted_run_keeps_its_checkpoint_and_no_artifact(interrupted):
     assert _checkpoint(interrupted)["iteration"] == 2
     assert not (interrupted / META_FILE).exists()
-    assert _run_status(interrupted) == "running"
+    assert _run_status(interrupted) == "interrupted"
 
 
 @pytest.mark.parametrize("change, word", [({"lr_images": 0.5}, "config"),

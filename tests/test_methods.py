@@ -45,6 +45,8 @@ CHEAP_OPTIONS = {
 
 def cheap_config(method: str, ipc: int, **overrides) -> dict:
     names = {f.name for f in dataclasses.fields(get_method(method).Config)}
+    if not get_method(method).iterative:
+        names.discard("iterations")  # one-shot selections refuse an iteration count
     options = {k: v for k, v in CHEAP_OPTIONS.items() if k in names}
     return {**options, **overrides, "ipc": ipc}
 

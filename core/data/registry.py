@@ -296,6 +296,11 @@ def remap_labels(
     labels_train = labels_train.to(torch.int64)
     labels_test = labels_test.to(torch.int64)
     class_values = torch.unique(labels_train)  # (C,) sorted
+    if class_values.numel() < 2:
+        raise ConfigError([
+            f"the training split has {class_values.numel()} class(es) "
+            f"({class_values.tolist()}); classification needs at least 2"
+        ])
     class_map = [int(v) for v in class_values.tolist()]
 
     absent = sorted(set(torch.unique(labels_test).tolist()) - set(class_map))

@@ -9,7 +9,14 @@ from .callbacks import (
     ProgressBar,
     TensorBoardLogger,
 )
-from .loop import CHECKPOINT_FILE, DistillResult, RunContext, distill, prepare_out_dir, resolve_config
+from .loop import (
+    CHECKPOINT_FILE,
+    DistillResult,
+    RunContext,
+    distill,
+    prepare_out_dir,
+    resolve_config,
+)
 
 __all__ = [
     "CHECKPOINT_FILE",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -17,7 +20,14 @@ from ..data import DatasetSplits
 from ..errors import ConfigError, DDSuiteError, NonFiniteError
 from ..evaluation import EvaluationProtocol
 from ..methods import Distiller, MethodConfig, config_from_dict, get_method
-from ..synthetic import META_FILE, SyntheticSet, is_artifact, load_artifact, save_artifact
+from ..synthetic import (
+    META_FILE,
+    TENSORS_FILE,
+    SyntheticSet,
+    is_artifact,
+    load_artifact,
+    save_artifact,
+)
 from .callbacks import Callback
 
 __all__ = ["CHECKPOINT_FILE", "DistillResult", "RunContext", "distill", "prepare_out_dir"]
@@ -26,8 +36,13 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "run.json"
-# Files that mark a folder as written by ddsuite (a run, an artifact, a scenario report).
-_RUN_MARKERS = (RUN_FILE, META_FILE, CHECKPOINT_FILE, "scenario.yaml", "metrics.json")
+LOCK_FILE = ".ddsuite.lock"
+# Everything ddsuite writes into a run or report folder; --overwrite removes nothing else.
+OWN_ENTRIES = frozenset({
+    RUN_FILE, META_FILE, TENSORS_FILE, CHECKPOINT_FILE, LOCK_FILE, "metrics.json",
+    "summary.md", "grid.png", "scenario.yaml", "grids", "sets", "evaluations", "tensorboard",
+    "plots",
+})
 
 
 @dataclass
@@ -65,8 +80,28 @@ def _iteration_seed(seed: int, iteration: int) -> int:
     return (seed * 1_000_003 + iteration * 7_919 + 1) % (2**63 - 1)
 
 
+def _is_ddsuite_folder(out_dir: Path) -> bool:
+    """Whether a marker file in `out_dir` parses as something ddsuite wrote."""
+    for name, key in ((RUN_FILE, "key"), (META_FILE, "format"), ("metrics.json", None)):
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and (key in data if key else
+                                       "protocol" in data or "scenario" in data):
+            return True
+    return (out_dir / "scenario.yaml").is_file() and (out_dir / "sets").is_dir()
+
+
 def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create `out_dir`, or refuse an existing one unless resuming or overwriting a run."""
+    """Create `out_dir`, or refuse an existing one unless resuming or overwriting a run.
+
+    `overwrite` only replaces a folder that ddsuite wrote and that holds nothing else: a
+    folder with any file or subfolder ddsuite does not write is refused with their names.
+    """
     if resume and overwrite:
         raise ConfigError(["--resume and --overwrite exclude each other; choose one"])
     if out_dir.exists() and not out_dir.is_dir():
@@ -79,15 +114,60 @@ def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
                 f"output folder {out_dir} already exists; pass --resume to continue the run "
                 "in it, --overwrite to replace it, or choose another --out"
             ])
-        if not any((out_dir / marker).exists() for marker in _RUN_MARKERS):
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OWN_ENTRIES)
+        if foreign or not _is_ddsuite_folder(out_dir):
+            listed = f" (not written by ddsuite: {', '.join(foreign[:8])})" if foreign else ""
             raise ConfigError([
-                f"refusing to overwrite {out_dir}: it is not a ddsuite run folder (none of "
-                f"{', '.join(_RUN_MARKERS)} is in it)"
+                f"refusing to overwrite {out_dir}: it is not a ddsuite run folder{listed}; "
+                "choose another --out"
             ])
-        shutil.rmtree(out_dir)
+        for entry in out_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     elif resume:
         raise ConfigError([f"nothing to resume: {out_dir} does not exist or is empty"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError([f"cannot create output folder {out_dir}: {exc.strerror}"]) from None
+
+
+class RunLock:
+    """An exclusive lock file in a run folder, so two processes never write one run."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / LOCK_FILE
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._stale():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise ConfigError([f"{self.path.parent} is in use by another ddsuite process "
+                                   f"(lock {self.path}); wait for it or stop it"]) from None
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise ConfigError([f"cannot lock {self.path.parent}"])
+
+    def _stale(self) -> bool:
+        try:
+            pid = int(self.path.read_text().strip())
+            os.kill(pid, 0)
+        except (ValueError, OSError):
+            return True  # unreadable, or the process is gone
+        return pid == os.getpid()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
 
 
 def _run_key(method: str, config: MethodConfig, seed: int, splits: DatasetSplits) -> dict:
@@ -111,21 +191,45 @@ def _save_checkpoint(out_dir: Path, ctx: RunContext, key: dict) -> None:
     atomic_write(out_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
 
-def _load_checkpoint(out_dir: Path, key: dict) -> dict | None:
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted paths where two JSON-like values differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [f"{path}: checkpoint {old!r}, now {new!r}"]
+
+
+def _load_checkpoint(out_dir: Path, key: dict, *, syn: SyntheticSet,
+                     iterations: int) -> dict | None:
+    """The checkpoint in `out_dir`, verified against this run; None when there is none."""
     path = out_dir / CHECKPOINT_FILE
     if not path.is_file():
         return None
+    unreadable = (f"checkpoint {path} is unreadable or was not written by ddsuite; pass "
+                  "--overwrite to start the run again")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file: say so instead of a deep traceback
-        raise DDSuiteError(f"cannot read checkpoint {path}: {exc}") from None
-    if state.get("key") != key:
-        old = state.get("key", {})
-        changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+    except Exception:  # any damage: one short message, never torch's unsafe-load advice
+        raise DDSuiteError(unreadable) from None
+    if not isinstance(state, dict) or not {"key", "syn", "iteration"} <= set(state):
+        raise DDSuiteError(unreadable)
+    if state["key"] != key:
+        changed = _differences(state["key"], key)
         raise ConfigError([
-            f"the checkpoint in {out_dir} was made with a different {', '.join(changed)}; "
-            "resume with the same settings, or pass --overwrite to start again"
+            f"the checkpoint in {out_dir} was made with other settings ("
+            + "; ".join(changed[:6]) + "); resume with the same settings, or pass "
+            "--overwrite to start again"
         ])
+    expected = syn.tensors()
+    for name, tensor in expected.items():
+        saved = state["syn"].get(name)
+        if not isinstance(saved, torch.Tensor) or saved.shape != tensor.shape:
+            raise DDSuiteError(f"{unreadable} (tensor {name!r} is missing or has another shape)")
+    iteration = state["iteration"]
+    if not isinstance(iteration, int) or not 0 <= iteration <= iterations:
+        raise DDSuiteError(f"{unreadable} (iteration {iteration!r} is outside 0..{iterations})")
     return state
 
 
@@ -141,6 +245,65 @@ def resolve_config(method: str, config: MethodConfig | dict[str, Any] | None, *,
         raise ConfigError([f"{method} takes a {cls.Config.__name__}, got "
                            f"{type(config).__name__}"])
     return config.resolve(dataset=dataset)
+
+
+def _write_status(out: Path, key: dict, protocol: EvaluationProtocol, iterations: int,
+                  status: str, **extra: Any) -> None:
+    write_json(out / RUN_FILE, {"key": key, "protocol": protocol.to_dict(),
+                                "iterations": iterations, "status": status, **extra})
+
+
+def _run_loop(distiller: Distiller, *, method: str, splits: DatasetSplits,
+              device: torch.device, seed: int, out: Path | None, key: dict,
+              protocol: EvaluationProtocol, callbacks: Sequence[Callback],
+              checkpoint_every: int, resume: bool, start: float) -> RunContext:
+    """Initialise or resume, iterate, call the callbacks; marks run.json on the way."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        syn = distiller.initialize(torch.Generator().manual_seed(seed))
+        distiller.setup(syn)
+        ctx = RunContext(method=method, distiller=distiller, syn=syn, splits=splits,
+                         device=device, seed=seed, iterations=distiller.iterations,
+                         out_dir=out)
+        state = None
+        if out is not None and resume:
+            state = _load_checkpoint(out, key, syn=syn, iterations=ctx.iterations)
+        if state is not None:
+            syn.load_tensors({k: v.to(device) for k, v in state["syn"].items()})
+            distiller.load_state_dict(state["distiller"])
+            ctx.iteration = state["iteration"]
+            ctx.history = list(state["history"])
+            logger.info("resuming %s at iteration %d/%d", method, ctx.iteration, ctx.iterations)
+        if out is not None:
+            _write_status(out, key, protocol, ctx.iterations, "running")
+        try:
+            for callback in callbacks:
+                callback.on_start(ctx)
+            while ctx.iteration < ctx.iterations:
+                iteration_seed = _iteration_seed(seed, ctx.iteration)
+                torch.manual_seed(iteration_seed)
+                generator = torch.Generator().manual_seed(iteration_seed)
+                metrics = distiller.step(syn, iteration=ctx.iteration, generator=generator)
+                bad = syn.non_finite()
+                if bad:
+                    raise NonFiniteError(", ".join(bad), ctx.iteration)
+                ctx.iteration += 1
+                for callback in callbacks:
+                    callback.on_step(ctx, metrics)
+                if (out is not None and checkpoint_every > 0
+                        and ctx.iteration % checkpoint_every == 0):
+                    _save_checkpoint(out, ctx, key)
+            ctx.metrics["distill_seconds"] = time.perf_counter() - start
+            for callback in callbacks:
+                callback.on_end(ctx)
+        except BaseException as exc:
+            if out is not None:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                _write_status(out, key, protocol, ctx.iterations, status,
+                              at_iteration=ctx.iteration, error=str(exc)[:500])
+            raise
+    return ctx
 
 
 def distill(
@@ -205,57 +368,22 @@ def distill(
         return DistillResult(syn=syn, config=config, protocol=protocol, history=[],
                              metrics=artifact.meta.get("metrics", {}), seconds=0.0, out_dir=out)
 
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        syn = distiller.initialize(torch.Generator().manual_seed(seed))
-        distiller.setup(syn)
-        ctx = RunContext(method=method, distiller=distiller, syn=syn, splits=splits,
-                         device=device, seed=seed, iterations=distiller.iterations,
-                         out_dir=out)
-        state = _load_checkpoint(out, key) if (out is not None and resume) else None
-        if state is not None:
-            syn.load_tensors({k: v.to(device) for k, v in state["syn"].items()})
-            distiller.load_state_dict(state["distiller"])
-            ctx.iteration = int(state["iteration"])
-            ctx.history = list(state["history"])
-            logger.info("resuming %s at iteration %d/%d", method, ctx.iteration, ctx.iterations)
+    lock = RunLock(out) if out is not None else contextlib.nullcontext()
+    with lock:
+        ctx = _run_loop(distiller, method=method, splits=splits, device=device, seed=seed,
+                        out=out, key=key, protocol=protocol, callbacks=callbacks,
+                        checkpoint_every=checkpoint_every, resume=resume, start=start)
+        seconds = ctx.metrics["distill_seconds"]
+        syn = ctx.syn
         if out is not None:
-            write_json(out / RUN_FILE, {"key": key, "protocol": protocol.to_dict(),
-                                        "iterations": ctx.iterations, "status": "running"})
-
-        for callback in callbacks:
-            callback.on_start(ctx)
-        while ctx.iteration < ctx.iterations:
-            iteration_seed = _iteration_seed(seed, ctx.iteration)
-            torch.manual_seed(iteration_seed)
-            generator = torch.Generator().manual_seed(iteration_seed)
-            metrics = distiller.step(syn, iteration=ctx.iteration, generator=generator)
-            bad = syn.non_finite()
-            if bad:
-                raise NonFiniteError(", ".join(bad), ctx.iteration)
-            ctx.iteration += 1
-            for callback in callbacks:
-                callback.on_step(ctx, metrics)
-            if out is not None and checkpoint_every > 0 and ctx.iteration % checkpoint_every == 0:
-                _save_checkpoint(out, ctx, key)
-
-        seconds = time.perf_counter() - start
-        ctx.metrics["distill_seconds"] = seconds
-        for callback in callbacks:
-            callback.on_end(ctx)
-
-    if out is not None:
-        save_artifact(
-            out, syn.tensors(), method=method, config=config.to_dict(), seed=seed,
-            dataset=splits.identity.to_dict(), input_space=splits.input_space.to_dict(),
-            protocol=protocol.to_dict(), metrics=ctx.metrics,
-            extra={"family": distiller.family, "iterations": ctx.iterations, "run_key": key,
-                   "history": ctx.history, **(extra_meta or {})},
-        )
-        write_json(out / RUN_FILE, {"key": key, "protocol": protocol.to_dict(),
-                                    "iterations": ctx.iterations, "status": "finished",
-                                    "seconds": seconds})
-        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+            save_artifact(
+                out, syn.tensors(), method=method, config=config.to_dict(), seed=seed,
+                dataset=splits.identity.to_dict(), input_space=splits.input_space.to_dict(),
+                protocol=protocol.to_dict(), metrics=ctx.metrics,
+                extra={"family": distiller.family, "iterations": ctx.iterations,
+                       "run_key": key, "history": ctx.history, **(extra_meta or {})},
+            )
+            _write_status(out, key, protocol, ctx.iterations, "finished", seconds=seconds)
+            (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return DistillResult(syn=syn, config=config, protocol=protocol, history=ctx.history,
                          metrics=ctx.metrics, seconds=seconds, out_dir=out)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..data import DatasetSplits
-from ..errors import InputSpaceMismatchError
+from ..errors import ArtifactError, InputSpaceMismatchError
 from ..provenance import library_versions, timestamp
 from .protocol import EvaluationProtocol
 from .trainer import networks_accuracy, train_networks
@@ -125,7 +125,11 @@ def evaluate_images(
 
 def check_input_space(artifact_meta: dict[str, Any], splits: DatasetSplits) -> None:
     """Refuse to evaluate a set in another input space than the one it was made in."""
-    problems = splits.input_space.differences(artifact_meta["input_space"])
+    try:
+        problems = splits.input_space.differences(artifact_meta["input_space"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"the set's input_space in artifact.json is malformed ({exc!r}); "
+                            "the metadata was edited or damaged") from None
     made_on = artifact_meta["dataset"]
     if made_on.get("num_classes") != splits.identity.num_classes:
         problems.append(
@@ -137,10 +141,16 @@ def check_input_space(artifact_meta: dict[str, Any], splits: DatasetSplits) -> N
             f"the set's images are {made_on.get('image_shape')}, the dataset's "
             f"{list(splits.identity.image_shape)}"
         )
+    fingerprint = made_on.get("fingerprint")
+    if not problems and fingerprint and fingerprint != splits.identity.fingerprint:
+        logger.warning("the set was made on a copy of %r whose fingerprint differs from the "
+                       "one loaded now (%s… vs %s…); numbers may not compare", made_on.get("name"),
+                       str(fingerprint)[:12], splits.identity.fingerprint[:12])
     if problems:
         raise InputSpaceMismatchError(
             f"refusing to evaluate a set made on {made_on.get('name')!r} under the input space "
-            f"of {splits.identity.name!r}: " + "; ".join(problems)
+            f"of {splits.identity.name!r} ('here' is the data loaded now, 'the other space' "
+            "the set's): " + "; ".join(problems)
             + ". Load the dataset with the same normalisation and ZCA setting the set was "
             "made with (see artifact.json, 'input_space')."
         )

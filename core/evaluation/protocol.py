@@ -52,7 +52,7 @@ class EvaluationProtocol:
     batch_size: int = 256
     """Training batch size."""
     augmentation: str = "none"
-    """"none", or a differentiable-augmentation strategy such as "color_crop_cutout_scale_rotate"."""
+    """"none", or a differentiable-augmentation strategy such as "crop_scale_rotate"."""
     label_loss: str = "cross_entropy"
     """"cross_entropy" on hard labels; "soft_cross_entropy" or "kl" on soft labels."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -138,15 +138,9 @@ class EvaluationProtocol:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvaluationProtocol":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"resolved_epochs"})
-        if unknown:
-            raise ConfigError(
-                [f"unknown protocol field {k!r}; allowed: {', '.join(sorted(known))}"
-                 for k in unknown],
-                source="evaluation protocol",
-            )
-        values = {k: v for k, v in data.items() if k in known}
-        if "models" in values:
-            values["models"] = tuple(values["models"])
-        return cls(**values)
+        from ..typed_config import from_dict
+
+        if not isinstance(data, dict):
+            raise ConfigError([f"expected a mapping, got {data!r}"], source="evaluation protocol")
+        values = {k: v for k, v in data.items() if k != "resolved_epochs"}
+        return from_dict(cls, values, source="evaluation protocol")

@@ -26,6 +26,9 @@ class CoresetConfig(MethodConfig):
         out = super().problems()
         if self.features not in FEATURE_KINDS:
             out.append(f"features {self.features!r} is not one of {', '.join(FEATURE_KINDS)}")
+        if self.iterations:
+            out.append(f"iterations does not apply to a one-shot coreset selection (got "
+                       f"{self.iterations}); leave it unset")
         if self.feature_steps < 1:
             out.append(f"feature_steps must be >= 1, got {self.feature_steps}")
         return out
