@@ -177,27 +177,42 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     print(f"distilled {args.dataset} with {args.method} at ipc {args.ipc} in "
           f"{result.seconds:.1f}s -> {out}")
     if "evaluation" in result.metrics:
-        _write_evaluation_report(out, result.metrics["evaluation"], title=f"{args.method} "
-                                 f"on {args.dataset}, ipc {args.ipc}")
+        provenance = {
+            "method": args.method, "config": result.config.to_dict(), "seed": args.seed,
+            "dataset": splits.identity.to_dict(), "input_space": splits.input_space.to_dict(),
+            "distill_seconds": result.seconds, "artifact": str(out),
+        }
+        _write_evaluation_report(out, result.metrics["evaluation"], provenance=provenance)
         for model, score in result.metrics["evaluation"]["scores"].items():
             print(f"  {model}: {format_mean_std(score['mean'], score['std'], 2)} % "
                   f"({len(score['accuracies'])} networks)")
     return 0
 
 
-def _write_evaluation_report(folder: Path, evaluation: dict, *, title: str) -> None:
+def _write_evaluation_report(folder: Path, evaluation: dict, *, provenance: dict) -> None:
+    """metrics.json and summary.md of a distill run; each stands on its own."""
     from ddsuite.core.atomic import write_json, write_text
     from ddsuite.core.report import format_mean_std, markdown_table
 
     protocol = evaluation["protocol"]
+    config, dataset = provenance["config"], provenance["dataset"]
     rows = [[m, format_mean_std(s["mean"], s["std"], 2), len(s["accuracies"])]
             for m, s in evaluation["scores"].items()]
-    text = (f"# {title}\n\nTest accuracy (%), final epoch, mean ± std over networks.\n"
-            f"Protocol {protocol['name']}: {protocol['resolved_epochs']} epochs, "
-            f"lr {protocol['lr']}, batch {protocol['batch_size']}, "
-            f"augmentation {protocol['augmentation']}, labels {evaluation['labels']}.\n\n"
-            + markdown_table(["model", "accuracy", "networks"], rows) + "\n")
-    write_json(folder / "metrics.json", evaluation)
+    versions = ", ".join(f"{k} {v}" for k, v in evaluation["versions"].items())
+    text = (
+        f"# {provenance['method']} on {dataset['name']}, ipc {config['ipc']}\n\n"
+        f"- set: {provenance['artifact']} (seed {provenance['seed']}, "
+        f"{config.get('iterations') or 0} iterations, {provenance['distill_seconds']:.0f}s)\n"
+        f"- dataset: {dataset['source']}, {dataset['num_train']} train / {dataset['num_test']} "
+        f"test, fingerprint {dataset['fingerprint'][:16]}\n"
+        f"- protocol {protocol['name']}: {protocol['resolved_epochs']} epochs, "
+        f"lr {protocol['lr']}, batch {protocol['batch_size']}, augmentation "
+        f"{protocol['augmentation']}, labels {evaluation['labels']}, seed {evaluation['seed']}\n"
+        f"- created {evaluation['created']}; {versions}\n\n"
+        "Test accuracy (%) after the final epoch, mean ± std over networks:\n\n"
+        + markdown_table(["model", "accuracy", "networks"], rows) + "\n"
+    )
+    write_json(folder / "metrics.json", {**provenance, "evaluation": evaluation})
     write_text(folder / "summary.md", text)
 
 

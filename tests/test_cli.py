@@ -96,9 +96,13 @@ def test_distill_writes_the_run_folder(distilled_run):
     run = json.loads((distilled_run / "run.json").read_text())
     assert run["status"] == "finished" and run["iterations"] == 3
     metrics = json.loads((distilled_run / "metrics.json").read_text())
-    assert metrics["scores"]["convnet"]["accuracies"] == scores["convnet"]["accuracies"]
+    assert metrics["evaluation"]["scores"]["convnet"]["accuracies"] == \
+        scores["convnet"]["accuracies"]
+    assert metrics["method"] == "dm" and metrics["config"]["ipc"] == 1
+    assert metrics["dataset"]["name"] == "digits" and metrics["seed"] == 0
     summary = (distilled_run / "summary.md").read_text()
     assert "| model" in summary and "| convnet" in summary and "±" in summary
+    assert "dm on digits, ipc 1" in summary and "fingerprint" in summary
 
 
 def test_distill_grid_is_a_valid_png(distilled_run):

@@ -161,9 +161,11 @@ class RunLock:
         try:
             pid = int(self.path.read_text().strip())
             os.kill(pid, 0)
-        except (ValueError, OSError):
-            return True  # unreadable, or the process is gone
-        return pid == os.getpid()
+        except PermissionError:
+            return False  # alive, owned by another user
+        except (ProcessLookupError, ValueError, OSError):
+            return True  # the holder is gone, or the lock file is not ours to trust
+        return False
 
     def __exit__(self, *exc: object) -> None:
         if self.held:
