@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .norm import ACTIVATIONS, NORMS, conv_out, make_activation, make_norm, make_pool
-from .registry import EmbeddingNet, OptionChecker, register_model
+from .registry import EmbeddingNet, OptionChecker, register_model, register_norm_variant
 
 __all__ = ["MLP", "AlexNet", "LeNet", "VGG11"]
 
@@ -255,26 +255,7 @@ def build_lenet(*, in_channels: int, num_classes: int, image_size: tuple[int, in
     return LeNet(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
 
 
-def _register_normed(name: str, cls: type[_PlainConvNet], default_norm: str) -> None:
-    """Register `name` as `cls` with a `norm` option defaulting to `default_norm`."""
-
-    def build(
-        *, in_channels: int, num_classes: int, image_size: tuple[int, int],
-        norm: str = default_norm,
-    ) -> _PlainConvNet:
-        check = OptionChecker(name)
-        norm = check.choice("norm", norm, NORMS)
-        check.done()
-        return cls(
-            in_channels=in_channels, num_classes=num_classes, image_size=image_size, norm=norm
-        )
-
-    build.__name__ = build.__qualname__ = f"build_{name.replace('-', '_')}"
-    build.__doc__ = f"Build ``{name}``: {cls.__name__} with norm={default_norm} by default."
-    register_model(name)(build)
-
-
-_register_normed("alexnet", AlexNet, "none")
-_register_normed("alexnet-bn", AlexNet, "batch")
-_register_normed("vgg11", VGG11, "instance")
-_register_normed("vgg11-bn", VGG11, "batch")
+register_norm_variant("alexnet", AlexNet, "none")
+register_norm_variant("alexnet-bn", AlexNet, "batch")
+register_norm_variant("vgg11", VGG11, "instance")
+register_norm_variant("vgg11-bn", VGG11, "batch")

@@ -40,6 +40,7 @@ __all__ = [
     "list_models",
     "parse_model_spec",
     "register_model",
+    "register_norm_variant",
     "split_model_list",
 ]
 
@@ -470,3 +471,26 @@ class OptionChecker:
         if self.problems:
             raise ConfigError(self.problems, source=f"model {self.model!r}")
 
+
+def register_norm_variant(name: str, cls: type[EmbeddingNet], default_norm: str) -> None:
+    """Register `name` as `cls` whose only option is `norm`, defaulting to `default_norm`.
+
+    `cls` takes `in_channels`, `num_classes`, `image_size` and `norm` as keywords.
+    """
+
+    def build(
+        *, in_channels: int, num_classes: int, image_size: tuple[int, int],
+        norm: str = default_norm,
+    ) -> EmbeddingNet:
+        from .norm import NORMS
+
+        check = OptionChecker(name)
+        norm = check.choice("norm", norm, NORMS)
+        check.done()
+        return cls(
+            in_channels=in_channels, num_classes=num_classes, image_size=image_size, norm=norm
+        )
+
+    build.__name__ = build.__qualname__ = f"build_{name.replace('-', '_')}"
+    build.__doc__ = f"Build ``{name}``: {cls.__name__} with norm={default_norm} by default."
+    register_model(name)(build)

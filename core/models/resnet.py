@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .norm import NORMS, conv_out, make_norm
-from .registry import EmbeddingNet, OptionChecker, register_model
+from .norm import conv_out, make_norm
+from .registry import EmbeddingNet, register_norm_variant
 
 __all__ = ["BasicBlock", "ResNet18"]
 
@@ -113,22 +113,5 @@ class ResNet18(EmbeddingNet):
         return self.pool(maps).flatten(1)  # (B, 512)
 
 
-def _register_resnet18(name: str, default_norm: str) -> None:
-    def build(
-        *, in_channels: int, num_classes: int, image_size: tuple[int, int],
-        norm: str = default_norm,
-    ) -> ResNet18:
-        check = OptionChecker(name)
-        norm = check.choice("norm", norm, NORMS)
-        check.done()
-        return ResNet18(
-            in_channels=in_channels, num_classes=num_classes, image_size=image_size, norm=norm
-        )
-
-    build.__name__ = build.__qualname__ = f"build_{name.replace('-', '_')}"
-    build.__doc__ = f"Build ``{name}``: ResNet18 with norm={default_norm} by default."
-    register_model(name)(build)
-
-
-_register_resnet18("resnet18", "instance")
-_register_resnet18("resnet18-bn", "batch")
+register_norm_variant("resnet18", ResNet18, "instance")
+register_norm_variant("resnet18-bn", ResNet18, "batch")
