@@ -125,3 +125,17 @@ def test_scenario_reports_item_problems_together_and_writes_nothing(capsys, tmp_
                  "seeds:", "num_eval", "'tpu'"):
         assert text in err, f"{text!r} not in {err!r}"
     assert not out.exists()
+
+
+def test_tensorboard_periodic_evaluation_and_grids(capsys, tmp_path):
+    out = tmp_path / "run"
+    code = main(["distill", "--method", "dm", "--ipc", "1", "--iterations", "4",
+                 "--set", "model=convnet(width=16)", "--eval-every", "2", "--grid-every", "2",
+                 "--tensorboard", "--num-eval", "1", "--eval-epochs", "2",
+                 "--models", "convnet(width=16)", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    grids = sorted(p.name for p in (out / "grids").glob("*.png"))
+    assert grids == ["iteration_000000.png", "iteration_000002.png", "iteration_000004.png"]
+    history = json.loads((out / META_FILE).read_text())["history"]
+    assert [h["iteration"] for h in history] == [2, 4]

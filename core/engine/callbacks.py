@@ -121,7 +121,13 @@ class TensorBoardLogger(Callback):
                 "TensorBoard logging needs the tensorboard package: "
                 "pip install 'ddsuite[tensorboard]'"
             ) from exc
-        self.writer: Any = SummaryWriter(str(log_dir))
+        self.log_dir = Path(log_dir)
+        self._writer_class = SummaryWriter
+        self.writer: Any = None
+
+    def on_start(self, ctx: "RunContext") -> None:
+        # Created here, not in __init__, so the run folder is still empty when it is checked.
+        self.writer = self._writer_class(str(self.log_dir))
 
     def on_step(self, ctx: "RunContext", metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -132,7 +138,8 @@ class TensorBoardLogger(Callback):
                 self.writer.add_scalar(f"eval/{model}", acc, ctx.iteration)
 
     def on_end(self, ctx: "RunContext") -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class ProgressBar(Callback):
