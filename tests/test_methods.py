@@ -296,3 +296,24 @@ def test_select_returns_class_major_indices_of_each_class(digits_splits, rule):
     assert index.shape == (train.num_classes * 3,)
     labels = train.labels[index]
     assert torch.equal(labels.cpu(), torch.arange(train.num_classes).repeat_interleave(3))
+
+
+def test_per_class_gradients_loop_and_vmap_agree():
+    from ddsuite.core.methods.gradient_matching import per_class_gradients
+    from ddsuite.core.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("convnet(width=8)", in_channels=1, num_classes=3, image_size=(8, 8),
+                      device="cpu")
+    images = torch.randn(3, 4, 1, 8, 8, requires_grad=True)
+    looped = per_class_gradients(net, images, create_graph=True, mode="loop")
+    vmapped = per_class_gradients(net, images, create_graph=True, mode="vmap")
+    assert set(looped) == {name for name, _ in net.named_parameters()}
+    for name in looped:
+        assert looped[name].shape[0] == 3
+        torch.testing.assert_close(looped[name], vmapped[name], rtol=1e-4, atol=1e-6)
+    # Both keep the graph to the images, and give the same image gradient.
+    g_loop = torch.autograd.grad(sum(v.square().sum() for v in looped.values()), images)[0]
+    g_vmap = torch.autograd.grad(sum(v.square().sum() for v in vmapped.values()), images)[0]
+    torch.testing.assert_close(g_loop, g_vmap, rtol=1e-3, atol=1e-6)
+    assert g_loop.abs().sum() > 0

@@ -31,6 +31,7 @@ __all__ = [
     "DifferentiableSiameseAugmentation",
     "MATCH_DISTANCES",
     "gradient_distance",
+    "per_class_gradients",
 ]
 
 # Published (outer_loop, inner_loop) per IPC (DC/DSA papers); other IPCs are interpolated.
@@ -142,6 +143,43 @@ def _freeze_batchnorm(net: nn.Module, images: Tensor) -> None:
         module.eval()
 
 
+def per_class_gradients(net: nn.Module, images: Tensor, *, create_graph: bool,
+                        mode: str = "loop") -> dict[str, Tensor]:
+    """Gradients of the cross-entropy of each class's batch w.r.t. the network's parameters.
+
+    Args:
+        net: the network (its parameters are not changed).
+        images: (classes, n, C, H, W); row c is labelled c.
+        create_graph: keep the graph so the result can be differentiated w.r.t. `images`.
+        mode: "vmap" (one batched call; faster on CUDA) or "loop" (class after class; faster
+            on the CPU, where vmap turns convolutions into slower grouped convolutions:
+            1.60 s against 0.97 s for digits at IPC 10 on one core). Same result.
+
+    Returns:
+        Parameter name -> (classes, *parameter shape).
+    """
+    classes, n = images.shape[:2]
+    labels = torch.arange(classes, device=images.device).unsqueeze(1).expand(classes, n)
+    if mode == "vmap":
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        buffers = dict(net.named_buffers())
+
+        def class_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return F.cross_entropy(functional_call(net, (p, buffers), (x,)), y)
+
+        grads = vmap(grad(class_loss), in_dims=(None, 0, 0))(params, images, labels)
+        return grads if create_graph else {k: v.detach() for k, v in grads.items()}
+    if mode != "loop":
+        raise ValueError(f"mode {mode!r} is not one of vmap, loop")
+    names, params = zip(*net.named_parameters())
+    per_class = []
+    for c in range(classes):
+        loss = F.cross_entropy(net(images[c]), labels[c])
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        per_class.append(grads if create_graph else [g.detach() for g in grads])
+    return {name: torch.stack([g[i] for g in per_class]) for i, name in enumerate(names)}
+
+
 class _GradientMatching(Distiller):
     family = "gradient matching"
 
@@ -152,19 +190,8 @@ class _GradientMatching(Distiller):
 
     def _per_class_gradients(self, net: nn.Module, images: Tensor, *,
                              create_graph: bool) -> dict[str, Tensor]:
-        """Gradients of the CE loss of each class's batch, images (classes, n, C, H, W)."""
-        params = {k: v.detach() for k, v in net.named_parameters()}
-        buffers = dict(net.named_buffers())
-        classes, n = images.shape[:2]
-        labels = torch.arange(classes, device=images.device).unsqueeze(1).expand(classes, n)
-
-        def class_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(functional_call(net, (p, buffers), (x,)), y)
-
-        grads = vmap(grad(class_loss), in_dims=(None, 0, 0))(params, images, labels)
-        if not create_graph:
-            grads = {k: v.detach() for k, v in grads.items()}
-        return grads
+        mode = "vmap" if self.device.type == "cuda" else "loop"
+        return per_class_gradients(net, images, create_graph=create_graph, mode=mode)
 
     def _train_net_on_syn(self, net: nn.Module, optimizer: torch.optim.Optimizer,
                           syn: SyntheticSet, generator: torch.Generator) -> None:
