@@ -144,8 +144,9 @@ def check_input_space(artifact_meta: dict[str, Any], splits: DatasetSplits) -> N
     fingerprint = made_on.get("fingerprint")
     if not problems and fingerprint and fingerprint != splits.identity.fingerprint:
         logger.warning("the set was made on a copy of %r whose fingerprint differs from the "
-                       "one loaded now (%s… vs %s…); numbers may not compare", made_on.get("name"),
-                       str(fingerprint)[:12], splits.identity.fingerprint[:12])
+                       "one loaded now (%s… vs %s…); numbers may not compare",
+                       made_on.get("name"), str(fingerprint)[:12],
+                       splits.identity.fingerprint[:12])
     if problems:
         raise InputSpaceMismatchError(
             f"refusing to evaluate a set made on {made_on.get('name')!r} under the input space "
