@@ -275,7 +275,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from ddsuite.core.data import list_datasets
     from ddsuite.core.methods import describe_config, get_method, list_methods
     from ddsuite.core.models import list_models
-    from ddsuite.scenarios import list_scenarios
+    from ddsuite.scenarios import list_scenarios, load_scenario
 
     what = args.what
     if what in ("all", "datasets"):
@@ -284,6 +284,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"  {name}")
     if what in ("all", "models"):
         print("models:")
+        print("  (options go in parentheses: convnet(depth=4,width=64,norm=batch,act=relu,"
+              "pool=max))")
         for name in list_models():
             print(f"  {name}")
     if what in ("all", "methods"):
@@ -297,7 +299,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if what in ("all", "scenarios"):
         print("scenarios:")
         for name in list_scenarios():
-            print(f"  {name}")
+            loaded = load_scenario(name)
+            description = " ".join(str(getattr(loaded.config, "description", "")).split())
+            print(f"  {name:<12} {loaded.kind.name:<16} {description}")
     return 0
 
 
