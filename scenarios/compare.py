@@ -7,7 +7,6 @@ evaluation protocol, so the numbers in the table are comparable with each other.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from ddsuite.core.data import list_datasets, load_dataset
 from ddsuite.core.device import device_problems, resolve_device
 from ddsuite.core.engine import FinalEvaluation, ImageGrid, ProgressBar, distill, prepare_out_dir
 from ddsuite.core.errors import ConfigError
-from ddsuite.core.evaluation import EvaluationProtocol
+from ddsuite.core.evaluation import EvaluationProtocol, mean_std
 from ddsuite.core.methods import config_from_dict, get_method, list_methods
 from ddsuite.core.provenance import library_versions, timestamp
 from ddsuite.core.report import format_mean_std, markdown_table
@@ -97,11 +96,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _aggregate(accuracies: list[float]) -> tuple[float, float]:
-    mean = sum(accuracies) / len(accuracies)
-    return mean, math.sqrt(sum((a - mean) ** 2 for a in accuracies) / len(accuracies))
-
-
 def run_compare(scenario: CompareScenario, *, out_dir: Path, device: str | None = None,
                 resolved: dict[str, Any] | None = None, overwrite: bool = False) -> str:
     """Run the comparison, write the report folder and return the markdown summary.
@@ -144,7 +138,7 @@ def run_compare(scenario: CompareScenario, *, out_dir: Path, device: str | None 
                 seconds += result.seconds
                 print(f"{label}: " + ", ".join(
                     f"{m} {format_mean_std(s['mean'], s['std'])}" for m, s in evaluation.items()))
-            mean, std = _aggregate(accuracies)
+            mean, std = mean_std(accuracies)
             results.setdefault(name, {})[ipc] = {
                 "mean": mean, "std": std, "accuracies": accuracies,
                 "distill_seconds": seconds / len(scenario.seeds),

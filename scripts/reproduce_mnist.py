@@ -26,7 +26,6 @@ from ddsuite.core.atomic import write_json, write_text
 from ddsuite.core.data import load_dataset
 from ddsuite.core.device import resolve_device
 from ddsuite.core.engine import FinalEvaluation, ProgressBar, distill
-from ddsuite.core.evaluation import EvaluationProtocol
 from ddsuite.core.methods import get_method
 from ddsuite.core.provenance import library_versions, timestamp
 from ddsuite.core.report import format_mean_std, markdown_table

@@ -28,6 +28,14 @@ class StopAt(Callback):
             raise KeyboardInterrupt
 
 
+def interrupted_run(out, splits):
+    """A DM run stopped after iteration 3, with its checkpoint from iteration 2."""
+    with pytest.raises(KeyboardInterrupt):
+        distill("dm", splits=splits, config=DM, out_dir=out, checkpoint_every=2,
+                callbacks=[StopAt(3)])
+    return out
+
+
 def test_a_locked_run_folder_is_refused(tmp_path, digits_splits):
     out = tmp_path / "run"
     out.mkdir()
@@ -50,10 +58,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, digits_splits):
 
 
 def test_interrupted_run_is_marked_and_resumes(tmp_path, digits_splits):
-    out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        distill("dm", splits=digits_splits, config=DM, out_dir=out, checkpoint_every=2,
-                callbacks=[StopAt(3)])
+    out = interrupted_run(tmp_path / "run", digits_splits)
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "interrupted" and status["at_iteration"] == 3
     resumed = distill("dm", splits=digits_splits, config=DM, out_dir=out, resume=True)
@@ -62,10 +67,7 @@ def test_interrupted_run_is_marked_and_resumes(tmp_path, digits_splits):
 
 
 def test_tampered_checkpoint_iteration_is_refused(tmp_path, digits_splits):
-    out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        distill("dm", splits=digits_splits, config=DM, out_dir=out, checkpoint_every=2,
-                callbacks=[StopAt(3)])
+    out = interrupted_run(tmp_path / "run", digits_splits)
     state = torch.load(out / CHECKPOINT_FILE, weights_only=True)
     state["iteration"] = 999
     torch.save(state, out / CHECKPOINT_FILE)
@@ -75,10 +77,7 @@ def test_tampered_checkpoint_iteration_is_refused(tmp_path, digits_splits):
 
 
 def test_resume_with_other_settings_names_the_difference(tmp_path, digits_splits):
-    out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        distill("dm", splits=digits_splits, config=DM, out_dir=out, checkpoint_every=2,
-                callbacks=[StopAt(3)])
+    out = interrupted_run(tmp_path / "run", digits_splits)
     with pytest.raises(ConfigError, match=r"config\.iterations: checkpoint 4, now 6"):
         distill("dm", splits=digits_splits, config={**DM, "iterations": 6}, out_dir=out,
                 resume=True)

@@ -1,6 +1,6 @@
 """The evaluation protocol: train fresh networks on a set, report their test accuracy."""
 
-from .evaluate import EvaluationResult, ModelScore, check_input_space, evaluate_images
+from .evaluate import EvaluationResult, ModelScore, check_input_space, evaluate_images, mean_std
 from .protocol import EvaluationProtocol
 from .trainer import TrainedNetworks, networks_accuracy, train_networks
 
@@ -11,6 +11,7 @@ __all__ = [
     "TrainedNetworks",
     "check_input_space",
     "evaluate_images",
+    "mean_std",
     "networks_accuracy",
     "train_networks",
 ]

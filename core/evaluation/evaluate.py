@@ -16,9 +16,15 @@ from ..provenance import library_versions, timestamp
 from .protocol import EvaluationProtocol
 from .trainer import networks_accuracy, train_networks
 
-__all__ = ["EvaluationResult", "ModelScore", "check_input_space", "evaluate_images"]
+__all__ = ["EvaluationResult", "ModelScore", "check_input_space", "evaluate_images", "mean_std"]
 
 logger = logging.getLogger(__name__)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (as the field reports them)."""
+    mean = sum(values) / len(values)
+    return float(mean), float(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)))
 
 
 @dataclass
@@ -32,13 +38,12 @@ class ModelScore:
 
     @property
     def mean(self) -> float:
-        return float(sum(self.accuracies) / len(self.accuracies))
+        return mean_std(self.accuracies)[0]
 
     @property
     def std(self) -> float:
         """Population standard deviation, as the field reports it."""
-        m = self.mean
-        return float(math.sqrt(sum((a - m) ** 2 for a in self.accuracies) / len(self.accuracies)))
+        return mean_std(self.accuracies)[1]
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": self.mean, "std": self.std}

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from .norm import ACTIVATIONS, NORMS, conv_out, make_activation, make_norm, make_pool
+from .norm import ACTIVATIONS, conv_out, make_activation, make_norm, make_pool
 from .registry import EmbeddingNet, OptionChecker, register_model, register_norm_variant
 
 __all__ = ["MLP", "AlexNet", "LeNet", "VGG11"]

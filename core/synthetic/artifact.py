@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ class Artifact:
     tensors: dict[str, Tensor]
     meta: dict[str, Any]
     path: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_syn(self) -> Tensor:
