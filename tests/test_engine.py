@@ -165,10 +165,10 @@ def test_overwrite_replaces_a_finished_run(tmp_path, digits_splits):
     out = tmp_path / "run"
     distill("random", splits=digits_splits, config=cheap("random"), seed=0, out_dir=out)
     (out / "grids").mkdir()
-    (out / "grids" / "stale.png").write_bytes(b"from the old run")
+    (out / "grids" / "iteration_000002.png").write_bytes(b"from the old run")
     second = distill("random", splits=digits_splits, config=cheap("random"), seed=1,
                      out_dir=out, overwrite=True)
-    assert not (out / "grids" / "stale.png").exists()
+    assert not (out / "grids" / "iteration_000002.png").exists()
     artifact = load_artifact(out)
     assert artifact.meta["seed"] == 1
     assert torch.equal(artifact.images_syn, second.syn.images_syn.detach())

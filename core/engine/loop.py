@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from ..errors import ConfigError, DDSuiteError, NonFiniteError
 from ..evaluation import EvaluationProtocol
 from ..methods import Distiller, MethodConfig, config_from_dict, get_method
 from ..synthetic import (
+    ARTIFACT_FORMAT,
     META_FILE,
     TENSORS_FILE,
     SyntheticSet,
@@ -80,20 +82,55 @@ def _iteration_seed(seed: int, iteration: int) -> int:
     return (seed * 1_000_003 + iteration * 7_919 + 1) % (2**63 - 1)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _is_ddsuite_folder(out_dir: Path) -> bool:
-    """Whether a marker file in `out_dir` parses as something ddsuite wrote."""
-    for name, key in ((RUN_FILE, "key"), (META_FILE, "format"), ("metrics.json", None)):
-        path = out_dir / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and (key in data if key else
-                                       "protocol" in data or "scenario" in data):
-            return True
-    return (out_dir / "scenario.yaml").is_file() and (out_dir / "sets").is_dir()
+    """Whether `out_dir` holds a run.json, artifact.json or scenario report ddsuite wrote."""
+    run = _read_json(out_dir / RUN_FILE)
+    if isinstance(run, dict) and isinstance(run.get("key"), dict) and "method" in run["key"]:
+        return True
+    meta = _read_json(out_dir / META_FILE)
+    if isinstance(meta, dict) and meta.get("format") == ARTIFACT_FORMAT:
+        return True
+    metrics = _read_json(out_dir / "metrics.json")
+    return (out_dir / "scenario.yaml").is_file() and isinstance(metrics, dict) \
+        and "scenario" in metrics
+
+
+# What ddsuite writes inside its own subfolders (anything else there is the user's).
+_OWN_CHILDREN = {
+    "grids": re.compile(r"iteration_\d+\.png"),
+    "evaluations": re.compile(r"evaluation-\d+\.json"),
+    "tensorboard": re.compile(r"events\.out\.tfevents\..+"),
+    "plots": re.compile(r"[\w.-]+\.png"),
+}
+
+
+def _foreign_entries(out_dir: Path, prefix: str = "") -> list[str]:
+    """Paths under `out_dir` that ddsuite does not write, at any depth."""
+    foreign = []
+    for entry in sorted(out_dir.iterdir()):
+        name = prefix + entry.name
+        if entry.name not in OWN_ENTRIES or entry.is_symlink():
+            foreign.append(name)
+        elif entry.name == "sets" and entry.is_dir():
+            for run in sorted(entry.iterdir()):
+                if run.is_dir() and not run.is_symlink() and _is_ddsuite_folder(run):
+                    foreign += _foreign_entries(run, f"{name}/{run.name}/")
+                else:
+                    foreign.append(f"{name}/{run.name}")
+        elif entry.name in _OWN_CHILDREN and entry.is_dir():
+            pattern = _OWN_CHILDREN[entry.name]
+            foreign += [f"{name}/{c.name}" for c in sorted(entry.iterdir())
+                        if not (c.is_file() and not c.is_symlink() and pattern.fullmatch(c.name))]
+        elif entry.is_dir() and entry.name not in _OWN_CHILDREN:
+            foreign.append(name + "/")
+    return foreign
 
 
 def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -107,6 +144,14 @@ def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError([f"output path {out_dir} exists and is not a folder"])
     if out_dir.is_dir() and any(out_dir.iterdir()):
+        if RunLock(out_dir).is_live():
+            raise ConfigError([f"{out_dir} is in use by another ddsuite process; wait for it "
+                               "or stop it"])
+        if not _is_ddsuite_folder(out_dir) and not (out_dir / CHECKPOINT_FILE).is_file():
+            if resume or overwrite:
+                raise ConfigError([f"{out_dir} is not a ddsuite run folder (no run.json, "
+                                   "artifact.json or scenario report ddsuite wrote); "
+                                   "choose another --out"])
         if resume:
             return
         if not overwrite:
@@ -114,9 +159,9 @@ def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
                 f"output folder {out_dir} already exists; pass --resume to continue the run "
                 "in it, --overwrite to replace it, or choose another --out"
             ])
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OWN_ENTRIES)
-        if foreign or not _is_ddsuite_folder(out_dir):
-            listed = f" (not written by ddsuite: {', '.join(foreign[:8])})" if foreign else ""
+        foreign = _foreign_entries(out_dir)
+        if foreign:
+            listed = f" (not written by ddsuite: {', '.join(foreign[:8])})"
             raise ConfigError([
                 f"refusing to overwrite {out_dir}: it is not a ddsuite run folder{listed}; "
                 "choose another --out"
@@ -156,6 +201,10 @@ class RunLock:
             self.held = True
             return self
         raise ConfigError([f"cannot lock {self.path.parent}"])
+
+    def is_live(self) -> bool:
+        """Whether another live process holds this folder's lock."""
+        return self.path.exists() and not self._stale()
 
     def _stale(self) -> bool:
         try:
@@ -229,8 +278,12 @@ def _load_checkpoint(out_dir: Path, key: dict, *, syn: SyntheticSet,
         saved = state["syn"].get(name)
         if not isinstance(saved, torch.Tensor) or saved.shape != tensor.shape:
             raise DDSuiteError(f"{unreadable} (tensor {name!r} is missing or has another shape)")
+    if not isinstance(state.get("history", []), list) or not isinstance(
+            state.get("distiller", {}), dict):
+        raise DDSuiteError(f"{unreadable} (history or distiller state has the wrong type)")
     iteration = state["iteration"]
-    if not isinstance(iteration, int) or not 0 <= iteration <= iterations:
+    if isinstance(iteration, bool) or not isinstance(iteration, int) \
+            or not 0 <= iteration <= iterations:
         raise DDSuiteError(f"{unreadable} (iteration {iteration!r} is outside 0..{iterations})")
     return state
 
