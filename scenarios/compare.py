@@ -64,6 +64,9 @@ class CompareScenario:
 
     def problems(self) -> list[str]:
         out = []
+        if not self.name or "/" in self.name or "\\" in self.name or ".." in self.name:
+            out.append(f"name: {self.name!r} must be a plain name (no '/', '\\' or '..'); "
+                       "it names the report folder")
         if not self.methods:
             out.append("methods: name at least one method, e.g. [{name: dm}]")
         for i, entry in enumerate(self.methods):

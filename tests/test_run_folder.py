@@ -138,3 +138,33 @@ def test_tensorboard_periodic_evaluation_and_grids(capsys, tmp_path):
     assert grids == ["iteration_000000.png", "iteration_000002.png", "iteration_000004.png"]
     history = json.loads((out / META_FILE).read_text())["history"]
     assert [h["iteration"] for h in history] == [2, 4]
+
+
+def test_overwrite_checks_inside_ddsuite_named_folders(tmp_path, digits_splits):
+    out = tmp_path / "run"
+    distill("dm", splits=digits_splits, config=DM, out_dir=out)
+    (out / "grids").mkdir()
+    (out / "grids" / "mydata.csv").write_text("the user's")
+    with pytest.raises(ConfigError, match="grids/mydata.csv"):
+        distill("dm", splits=digits_splits, config=DM, out_dir=out, overwrite=True)
+    assert (out / "grids" / "mydata.csv").read_text() == "the user's"
+
+
+def test_resume_refuses_a_folder_ddsuite_did_not_write(tmp_path, digits_splits):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes")
+    with pytest.raises(ConfigError, match="not a ddsuite run folder"):
+        distill("dm", splits=digits_splits, config=DM, out_dir=out, resume=True)
+    assert (out / "summary.md").read_text() == "my notes"
+
+
+def test_edited_dataset_name_is_an_artifact_error(capsys, tmp_path, digits_splits):
+    out = tmp_path / "run"
+    distill("dm", splits=digits_splits, config=DM, out_dir=out)
+    meta = json.loads((out / META_FILE).read_text())
+    meta["dataset"]["name"] = 5
+    (out / META_FILE).write_text(json.dumps(meta))
+    code = main(["evaluate", str(out), "--num-eval", "1", "--eval-epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "dataset.name must be a string" in err and "Traceback" not in err

@@ -185,6 +185,15 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     for key in ("dataset", "input_space", "protocol", "config"):
         if not isinstance(meta[key], dict):
             raise ArtifactError(f"{meta_path}: {key} must be a JSON object")
+    if not isinstance(meta["dataset"].get("name"), str):
+        raise ArtifactError(f"{meta_path}: dataset.name must be a string")
+    zca = meta["input_space"].get("zca")
+    if zca is not None and not (isinstance(zca, dict) and isinstance(
+            zca.get("epsilon"), (int, float)) and not isinstance(zca.get("epsilon"), bool)):
+        raise ArtifactError(f"{meta_path}: input_space.zca must be null or an object with a "
+                            "numeric epsilon")
+    if not isinstance(meta.get("metrics", {}), dict):
+        raise ArtifactError(f"{meta_path}: metrics must be a JSON object")
     return meta
 
 
