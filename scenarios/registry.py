@@ -44,7 +44,7 @@ class ScenarioKind:
 SCENARIO_KINDS: Registry[ScenarioKind] = Registry("scenario kind")
 
 # Modules that register scenario kinds when imported (applications add theirs here).
-_KIND_MODULES = ("ddsuite.scenarios.compare",)
+_KIND_MODULES = ("ddsuite.scenarios.compare", "ddsuite.applications.continual.harness")
 
 
 def register_scenario_kind(kind: ScenarioKind) -> ScenarioKind:

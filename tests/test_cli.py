@@ -21,7 +21,7 @@ from ddsuite.core.data import list_datasets
 from ddsuite.core.methods import list_methods
 from ddsuite.core.models import list_models
 from ddsuite.core.synthetic import META_FILE, TENSORS_FILE, load_artifact
-from ddsuite.scenarios import list_scenarios
+from ddsuite.scenarios import list_scenarios, load_scenario
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -405,3 +405,9 @@ def test_console_script_distills_and_evaluates(tmp_path):
     proc = _console("evaluate", "run", *SMALL_EVAL, "--models", "mlp", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "mlp:" in proc.stdout
+
+
+def test_every_shipped_scenario_validates():
+    for name in list_scenarios():
+        loaded = load_scenario(name)
+        assert loaded.config.name == name
