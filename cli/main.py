@@ -298,10 +298,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
                     print(f"      {field:<14} {kind:<18} {default!r:<12} {text}")
     if what in ("all", "scenarios"):
         print("scenarios:")
-        for name in list_scenarios():
+        names = list_scenarios()
+        width = max(map(len, names), default=0)
+        for name in names:
             loaded = load_scenario(name)
             description = " ".join(str(getattr(loaded.config, "description", "")).split())
-            print(f"  {name:<12} {loaded.kind.name:<16} {description}")
+            print(f"  {name:<{width}}  {loaded.kind.name:<16} {description}")
     return 0
 
 
