@@ -14,8 +14,10 @@ __all__ = [
     "ConfigError",
     "DDSuiteError",
     "DuplicateNameError",
+    "ExpertTrajectoryError",
     "InputSpaceMismatchError",
     "IPCError",
+    "MemoryEstimateError",
     "NonFiniteError",
     "UnknownNameError",
     "UnsupportedFeatureError",
@@ -87,3 +89,20 @@ class ArtifactError(DDSuiteError, ValueError):
 
 class InputSpaceMismatchError(DDSuiteError, ValueError):
     """A set evaluated under a different input space (normalisation, ZCA) than it was made in."""
+
+
+class ExpertTrajectoryError(DDSuiteError, ValueError):
+    """Expert trajectories that are missing, damaged, or made for another run.
+
+    Raised when stored trajectories were trained on another dataset, with another model or in
+    another input space than the distillation that wants them; the message names each
+    mismatch.
+    """
+
+
+class MemoryEstimateError(DDSuiteError, MemoryError):
+    """A configuration whose estimated peak memory exceeds what the device has free.
+
+    Raised before any work starts; the message gives the estimate, what is available, and
+    the options that lower the estimate.
+    """

@@ -53,7 +53,9 @@ def cheap(method: str) -> dict:
     fields = set(get_method(method).Config.__dataclass_fields__)
     if not get_method(method).iterative:
         fields.discard("iterations")  # one-shot selections refuse an iteration count
-    options = {"ipc": 1, "iterations": 3, "batch_real": 8, "model": "convnet(width=16)"}
+    options = {"ipc": 1, "iterations": 3, "batch_real": 8, "model": "convnet(width=16)",
+               # trajectory matching: one short expert, trained in memory, never cached
+               "num_experts": 1, "expert_epochs_train": 4, "syn_steps": 3, "experts_dir": "none"}
     return {k: v for k, v in options.items() if k in fields}
 
 

@@ -40,6 +40,10 @@ CHEAP_OPTIONS = {
     "outer_loop": 2,
     "features": "pixels",
     "feature_steps": 5,
+    "num_experts": 1,
+    "expert_epochs_train": 6,
+    "syn_steps": 4,
+    "experts_dir": "none",
 }
 
 
