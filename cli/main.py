@@ -238,8 +238,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     check_input_space(artifact.meta, splits)
     protocol = EvaluationProtocol.from_dict(artifact.meta["protocol"])
     protocol = protocol.with_overrides(**_protocol_overrides(args))
-    result = evaluate_images(artifact.images_syn, artifact.labels_syn, splits, protocol=protocol,
-                             device=device, seed=args.seed, labels_soft=artifact.labels_soft)
+    images, labels, labels_soft = artifact.decoded()
+    result = evaluate_images(images, labels, splits, protocol=protocol,
+                             device=device, seed=args.seed, labels_soft=labels_soft)
     record = result.to_dict()
     previous = artifact.meta.get("metrics", {}).get("evaluations", [])
     number = len(previous) + 1

@@ -290,3 +290,30 @@ def test_loading_never_unpickles(saved, monkeypatch):
     tensors_bytes = (saved / TENSORS_FILE).read_bytes()
     assert not tensors_bytes.startswith(b"\x80") and b"PK\x03\x04" not in tensors_bytes[:4]
     assert load_file(str(saved / TENSORS_FILE)).keys() == make_tensors().keys()
+
+
+def test_parameterised_set_decodes_for_evaluation_and_reports_its_size(tmp_path, digits_splits):
+    """IDM's partitioned set: the artifact records the decoder, evaluation expands it."""
+    from ddsuite.core.engine import distill
+    from ddsuite.core.synthetic import load_artifact
+
+    result = distill("idm", splits=digits_splits, seed=0, out_dir=tmp_path / "idm",
+                     config={"ipc": 1, "iterations": 2, "factor": 2, "pool_size": 2,
+                             "model": "convnet(width=8)", "batch_real": 8, "train_steps": 1,
+                             "batch_train": 16},
+                     checkpoint_every=0)
+    assert result.syn.decode == {"kind": "partition-expand", "factor": 2}
+    artifact = load_artifact(tmp_path / "idm")
+    assert artifact.meta["ipc"] == 1 and artifact.meta["decoded_ipc"] == 4
+    images, labels, _ = artifact.decoded()
+    assert images.shape == (40, 1, 8, 8)
+    assert torch.equal(labels, torch.arange(10).repeat_interleave(4))
+    # Each decoded image is one quarter of a stored image, upsampled back to 8x8.
+    quarter = torch.nn.functional.interpolate(artifact.images_syn[:1, :, :4, :4], size=(8, 8),
+                                              mode="bilinear", align_corners=False)
+    assert torch.allclose(images[0], quarter[0])
+    meta = json.loads((tmp_path / "idm" / "artifact.json").read_text())
+    meta["decode"] = {"kind": "partition-expand", "factor": 3}
+    (tmp_path / "idm" / "artifact.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="factor 3 does not divide the image size 8x8"):
+        load_artifact(tmp_path / "idm")

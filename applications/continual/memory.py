@@ -39,7 +39,7 @@ from avalanche.training.storage_policy import ExemplarsBuffer
 from ddsuite.core.data import DatasetSplits, InputSpace, RealDataset
 from ddsuite.core.data.identity import DatasetIdentity, fingerprint_tensors
 from ddsuite.core.engine import distill
-from ddsuite.core.errors import ConfigError, IPCError
+from ddsuite.core.errors import ConfigError, IPCError, UnsupportedFeatureError
 from ddsuite.core.methods import config_from_dict, get_method
 
 from .benchmark import tensor_dataset
@@ -275,6 +275,11 @@ class CondensedBuffer(ExemplarsBuffer):
                          seed=seed, device=self.device, checkpoint_every=0,
                          extra_meta={"experience": experience})
         seconds = time.perf_counter() - start
+        if result.syn.decode is not None:
+            raise UnsupportedFeatureError(
+                f"method {self.method!r} stores a compact code that decodes to more images "
+                f"({result.syn.decode}); this memory stores images as they are and counts its "
+                "budget in images. Use a method without a decoder (for idm: factor=1)")
         images_syn = result.syn.images_syn.detach().cpu()
         if not torch.isfinite(images_syn).all():
             raise ConfigError([f"the {self.method} memory of experience {experience} is not "

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DDSuiteError
 from ..evaluation import EvaluationProtocol, evaluate_images
+from ..synthetic.decode import decode_set
 
 if TYPE_CHECKING:
     from .loop import RunContext
@@ -60,7 +61,9 @@ class PeriodicEvaluation(Callback):
     def on_step(self, ctx: "RunContext", metrics: dict[str, float]) -> None:
         if self.every <= 0 or ctx.iteration % self.every:
             return
-        result = evaluate_images(ctx.syn.images_syn.detach(), ctx.syn.labels_syn, ctx.splits,
+        images, labels, _ = decode_set(ctx.syn.images_syn.detach(), ctx.syn.labels_syn,
+                                       decode=ctx.syn.decode)
+        result = evaluate_images(images, labels, ctx.splits,
                                  protocol=self.protocol, device=ctx.device, seed=ctx.seed)
         scores = {m: s.mean for m, s in result.scores.items()}
         ctx.history.append({"iteration": ctx.iteration, "evaluation": scores})
@@ -77,7 +80,10 @@ class FinalEvaluation(Callback):
 
     def on_end(self, ctx: "RunContext") -> None:
         labels_soft = ctx.syn.labels_soft if self.protocol.label_loss != "cross_entropy" else None
-        result = evaluate_images(ctx.syn.images_syn.detach(), ctx.syn.labels_syn, ctx.splits,
+        images, labels, labels_soft = decode_set(
+            ctx.syn.images_syn.detach(), ctx.syn.labels_syn,
+            None if labels_soft is None else labels_soft.detach(), ctx.syn.decode)
+        result = evaluate_images(images, labels, ctx.splits,
                                  protocol=self.protocol, device=ctx.device,
                                  seed=ctx.seed if self.seed is None else self.seed,
                                  labels_soft=labels_soft)

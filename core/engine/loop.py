@@ -434,7 +434,7 @@ def distill(
             save_artifact(
                 out, syn.tensors(), method=method, config=config.to_dict(), seed=seed,
                 dataset=splits.identity.to_dict(), input_space=splits.input_space.to_dict(),
-                protocol=protocol.to_dict(), metrics=ctx.metrics,
+                protocol=protocol.to_dict(), metrics=ctx.metrics, decode=syn.decode,
                 extra={"family": distiller.family, "iterations": ctx.iterations,
                        "run_key": key, "history": ctx.history, **(extra_meta or {})},
             )

@@ -10,6 +10,7 @@ from .artifact import (
     save_artifact,
     update_metrics,
 )
+from .decode import decode_set
 from .syn_set import SyntheticSet
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "TENSORS_FILE",
     "Artifact",
     "SyntheticSet",
+    "decode_set",
     "is_artifact",
     "load_artifact",
     "save_artifact",

@@ -6,7 +6,9 @@ Layout of an artifact folder::
                             optional labels_soft (N, classes), log_step_size (1,)
     artifact.json           format, method and resolved config, seed, dataset identity and
                             class map, input space (normalisation, ZCA), evaluation protocol,
-                            library versions, metrics, and the sha256 of the tensors file
+                            library versions, metrics, the sha256 of the tensors file, and for
+                            parameterised sets how they decode (`decode`) and the images per
+                            class they decode to (`decoded_ipc`) beside their `size_bytes`
 
 Both files are written atomically, tensors first; the metadata records the tensors' checksum,
 so a truncated, edited or mismatched pair is detected on load. Loading never unpickles.
@@ -28,6 +30,7 @@ from torch import Tensor
 from ..atomic import atomic_write, write_json
 from ..errors import ArtifactError
 from ..provenance import library_versions, timestamp
+from .decode import decode_problems, decode_set, decoded_per_image
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -81,9 +84,18 @@ class Artifact:
     def method(self) -> str:
         return str(self.meta["method"])
 
+    @property
+    def decode(self) -> dict[str, Any] | None:
+        """How the stored images decode to training images; None: they are used as is."""
+        return self.meta.get("decode")
+
     def size_bytes(self) -> int:
         """Bytes of the stored tensors (what a user ships when sharing the set)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def decoded(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(images, labels, soft labels) a network trains on: the stored set, decoded."""
+        return decode_set(self.images_syn, self.labels_syn, self.labels_soft, self.decode)
 
 
 def _sha256(path: Path) -> str:
@@ -106,10 +118,12 @@ def save_artifact(
     protocol: dict[str, Any],
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    decode: dict[str, Any] | None = None,
 ) -> Path:
     """Write an artifact folder (created if needed) and return its path.
 
-    Refuses tensors that hold NaN or infinity: a non-finite set is never written.
+    Refuses tensors that hold NaN or infinity: a non-finite set is never written. `decode`
+    records how the stored images decode to training images (parameterised sets).
     """
     folder = Path(folder)
     images = tensors["images_syn"]
@@ -127,6 +141,9 @@ def save_artifact(
                             f"{tuple(labels.shape)} {labels.dtype}")
     if int(labels.max()) >= num_classes or int(labels.min()) < 0:
         raise ArtifactError(f"labels_syn outside 0..{num_classes - 1}")
+    problems = decode_problems(decode, tuple(images.shape[1:]))
+    if problems:
+        raise ArtifactError("refusing to save: " + "; ".join(problems))
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(folder / TENSORS_FILE, lambda tmp: save_file(cpu, str(tmp)))
     meta = {
@@ -136,6 +153,8 @@ def save_artifact(
         "config": config,
         "seed": seed,
         "ipc": images.shape[0] // num_classes,
+        "decode": decode,
+        "decoded_ipc": images.shape[0] // num_classes * decoded_per_image(decode),
         "num_classes": num_classes,
         "image_shape": list(images.shape[1:]),
         "labels": "soft" if "labels_soft" in cpu else "hard",
@@ -225,6 +244,9 @@ def load_artifact(folder: str | Path, *, device: torch.device | str = "cpu") -> 
         )
     if not images.is_floating_point() or not torch.isfinite(images).all():
         raise ArtifactError(f"{tensors_path} holds non-finite or non-float pixels")
+    problems = decode_problems(meta.get("decode"), tuple(images.shape[1:]))
+    if problems:
+        raise ArtifactError(f"{folder / META_FILE}: " + "; ".join(problems))
     classes = int(meta["num_classes"])
     if labels.is_floating_point() or int(labels.min()) < 0 or int(labels.max()) >= classes:
         raise ArtifactError(f"{tensors_path}: labels_syn must be integers in 0..{classes - 1}")

@@ -45,6 +45,8 @@ class SyntheticSet(nn.Module):
             )
         self.num_classes = num_classes
         self.ipc = ipc
+        # How the stored images decode to training images (see synthetic.decode); None: as is.
+        self.decode: dict | None = None
         self.images_syn = nn.Parameter(images.detach().clone().float())
         labels = torch.arange(num_classes, device=images.device).repeat_interleave(ipc)
         self.register_buffer("labels_syn", labels)

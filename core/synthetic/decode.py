@@ -1,0 +1,80 @@
+"""Parameterised sets: stored tensors that decode to the images a network trains on.
+
+A method that stores a compact code (IDM's and IDC's partitioned images: each stored image is
+a mosaic of ``factor x factor`` smaller images) records how to decode it in
+`SyntheticSet.decode` and in the artifact's metadata. Every evaluation decodes first, and the
+artifact reports both its size in bytes and the number of images per class it decodes to.
+
+Known decoders:
+
+- ``{"kind": "partition-expand", "factor": f}``: each stored image is split into f x f tiles,
+  every tile upsampled back to full size; the tiles keep their image's label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DECODE_KINDS", "decode_problems", "decode_set", "decoded_per_image",
+           "partition_expand"]
+
+DECODE_KINDS = ("partition-expand",)
+
+
+def partition_expand(images: Tensor, factor: int) -> Tensor:
+    """Split each image into factor x factor tiles and upsample every tile to full size.
+
+    Args:
+        images: (N, C, H, W) with H and W divisible by `factor`.
+        factor: tiles per side; 1 returns `images` itself.
+
+    Returns:
+        (N * factor**2, C, H, W): the tiles of image 0 first (row by row), then of image 1,
+        ..., so class-major sets stay class-major. Bilinear upsampling, differentiable.
+    """
+    if factor == 1:
+        return images
+    n, c, h, w = images.shape
+    th, tw = h // factor, w // factor
+    tiles = images.reshape(n, c, factor, th, factor, tw).permute(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(n * factor * factor, c, th, tw)  # (N * f * f, C, H / f, W / f)
+    return F.interpolate(tiles, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def decode_problems(decode: Any, image_shape: tuple[int, ...]) -> list[str]:
+    """Every problem with a decode record for images of `image_shape` (C, H, W)."""
+    if decode is None:
+        return []
+    if not isinstance(decode, dict) or decode.get("kind") not in DECODE_KINDS:
+        return [f"decode must be null or a mapping with kind one of {', '.join(DECODE_KINDS)}, "
+                f"got {decode!r}"]
+    factor = decode.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        return [f"decode.factor must be an integer >= 1, got {factor!r}"]
+    h, w = image_shape[-2:]
+    if h % factor or w % factor:
+        return [f"decode.factor {factor} does not divide the image size {h}x{w}"]
+    return []
+
+
+def decoded_per_image(decode: dict[str, Any] | None) -> int:
+    """How many images one stored image decodes to."""
+    return 1 if decode is None else int(decode["factor"]) ** 2
+
+
+def decode_set(images: Tensor, labels: Tensor, labels_soft: Tensor | None = None,
+               decode: dict[str, Any] | None = None
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The images (and their labels) a network trains on, from the stored tensors."""
+    if decode is None:
+        return images, labels, labels_soft
+    problems = decode_problems(decode, tuple(images.shape[1:]))
+    if problems:
+        raise ValueError("; ".join(problems))
+    factor = int(decode["factor"])
+    repeat = factor * factor
+    soft = None if labels_soft is None else labels_soft.repeat_interleave(repeat, dim=0)
+    return partition_expand(images, factor), labels.repeat_interleave(repeat), soft
