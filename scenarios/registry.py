@@ -44,7 +44,8 @@ class ScenarioKind:
 SCENARIO_KINDS: Registry[ScenarioKind] = Registry("scenario kind")
 
 # Modules that register scenario kinds when imported (applications add theirs here).
-_KIND_MODULES = ("ddsuite.scenarios.compare", "ddsuite.applications.continual.harness")
+_KIND_MODULES = ("ddsuite.scenarios.compare", "ddsuite.applications.continual.harness",
+                 "ddsuite.applications.nas.harness")
 
 
 def register_scenario_kind(kind: ScenarioKind) -> ScenarioKind:
