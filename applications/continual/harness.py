@@ -411,6 +411,7 @@ def _plots(folder: Path, results: dict[str, Any], scenario: ContinualScenario) -
             ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], marker="o",
                     label=policy)
         ax.set_title(f"protocol: {protocol}")
+        ax.set_xticks(range(1, scenario.benchmark.n_experiences + 1))
         ax.set_xlabel("experiences seen")
         ax.set_ylabel("average accuracy on seen experiences (%)")
         ax.grid(alpha=0.3)
