@@ -301,7 +301,91 @@ def test_continual_scenario_reports_every_problem_at_once():
         assert expected in text, expected
 
 
-def test_permuted_scenario_needs_ipc_for_each_experience():
-    with pytest.raises(ConfigError, match="ipc must be >= n_experiences"):
-        load_scenario("split-digits", ["benchmark.kind=permuted", "ipc=2",
-                                       "benchmark.n_experiences=3"])
+def test_permuted_scenario_needs_an_equal_share_for_each_experience():
+    for ipc in (2, 7):
+        with pytest.raises(ConfigError, match="ipc must be a multiple of n_experiences"):
+            load_scenario("split-digits", ["benchmark.kind=permuted", f"ipc={ipc}",
+                                           "benchmark.n_experiences=3"])
+    load_scenario("split-digits", ["benchmark.kind=permuted", "ipc=6",
+                                   "benchmark.n_experiences=3"])
+
+
+def test_task_aware_memory_keeps_each_experience_task_label(digits_splits):
+    from avalanche.benchmarks import nc_benchmark
+
+    train, test = digits_splits.train, digits_splits.test
+    bench = nc_benchmark(tensor_dataset(train.images, train.labels),
+                         tensor_dataset(test.images, test.labels), n_experiences=5,
+                         task_labels=True, seed=0)
+    memory = CondensedBuffer(30, method="random", total_num_groups=10, task_free=False)
+    for exp in bench.train_stream[:3]:
+        memory.post_adapt(None, exp)
+    assert sorted(set(memory.buffer.targets_task_labels)) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"task labels \[1\].*task-free"):
+        CondensedBuffer(30, method="random", total_num_groups=10).post_adapt(
+            None, bench.train_stream[1])
+
+
+def test_memory_refuses_what_it_cannot_store_honestly():
+    with pytest.raises(ConfigError) as info:
+        CondensedBuffer(10, method="idm", seed="x", device="gpu")
+    text = str(info.value)
+    assert "factor=2" in text and "seed must be an integer" in text and "gpu" in text
+    with pytest.raises(ConfigError, match="soft or learnable labels"):
+        CondensedBuffer(10, method="tesla", method_config={"soft_labels": True})
+
+
+def test_sparse_labels_are_kept_without_a_table_of_the_largest(digits_splits):
+    images = digits_splits.train.images[:60]
+    labels = torch.tensor([7, 2 ** 40] * 30)
+
+    class Experience:
+        current_experience = 0
+        dataset = tensor_dataset(images, labels)
+
+    memory = CondensedBuffer(4, method="random")
+    memory.post_adapt(None, Experience())
+    assert sorted(set(memory.buffer.targets)) == [7, 2 ** 40]
+
+
+def test_duplicate_policies_protocols_and_seeds_are_refused():
+    with pytest.raises(ConfigError) as info:
+        load_scenario("split-digits", ["policies.1.name=reservoir", "protocols=[retrain, retrain]",
+                                       "seeds=[0, 0]"])
+    text = str(info.value)
+    assert "reservoir appear(s) more than once" in text
+    assert "protocols: each value may appear once" in text and "seeds: each value" in text
+    labelled = load_scenario("split-digits", ["policies.1.name=reservoir",
+                                              "policies.1.label=reservoir-2"])
+    assert labelled.config.policies[1]["label"] == "reservoir-2"
+
+
+def test_a_bad_policy_fails_before_the_report_folder_and_a_failed_run_can_be_replaced(tmp_path):
+    late = load_scenario("split-digits", ["policies.3.factor=3", "policies.3.name=idm"])
+    with pytest.raises(ConfigError):
+        late.kind.run(late.config, out_dir=tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
+    wide = load_scenario("split-digits", ["distill_model=convnet(width=999999999)"])
+    with pytest.raises(ConfigError, match="distill_model"):
+        wide.kind.run(wide.config, out_dir=tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
+
+    from ddsuite.applications.continual import harness
+
+    loaded = load_scenario("split-digits", ["policies=[{name: reservoir}]", "protocols=[retrain]",
+                                            "learner.retrain_epochs=1"])
+    original = harness.run_stream
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the learner crashed")
+
+    harness.run_stream = broken
+    try:
+        with pytest.raises(RuntimeError):
+            loaded.kind.run(loaded.config, out_dir=tmp_path / "run", device="cpu")
+    finally:
+        harness.run_stream = original
+    status = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert status["status"] == "failed" and "the learner crashed" in status["error"]
+    loaded.kind.run(loaded.config, out_dir=tmp_path / "run", device="cpu", overwrite=True)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"

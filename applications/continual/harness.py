@@ -38,7 +38,7 @@ import yaml
 from ddsuite.core.atomic import atomic_write, write_json, write_text
 from ddsuite.core.data import load_dataset
 from ddsuite.core.device import device_problems, resolve_device
-from ddsuite.core.engine import prepare_out_dir
+from ddsuite.core.engine import prepare_out_dir, scenario_status
 from ddsuite.core.errors import ConfigError, DDSuiteError
 from ddsuite.core.evaluation import mean_std
 from ddsuite.core.methods import config_from_dict, get_method, list_methods
@@ -140,7 +140,7 @@ class ContinualScenario:
                            f"iterations: 100}}, got {entry!r}")
                 continue
             name = entry["name"]
-            options = {k: v for k, v in entry.items() if k != "name"}
+            options = {k: v for k, v in entry.items() if k not in ("name", "label")}
             if name in AVALANCHE_POLICIES:
                 if options:
                     out.append(f"policies[{i}]: {name} takes no options, got "
@@ -157,6 +157,16 @@ class ContinualScenario:
                                  self.method_options(name, options))
             except ConfigError as exc:
                 out.extend(f"policies[{i}].{p}" for p in exc.problems)
+        labels = [policy_label(e) for e in self.policies if isinstance(e, dict) and "name" in e]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            out.append(f"policies: {', '.join(map(str, repeated))} appear(s) more than once; give "
+                       "each entry a distinct label, e.g. {name: dm, label: dm-2000, "
+                       "iterations: 2000}")
+        for key in ("protocols", "seeds"):
+            values = [v for v in getattr(self, key) if isinstance(v, (int, str))]
+            if len(set(values)) != len(values):
+                out.append(f"{key}: each value may appear once, got {getattr(self, key)!r}")
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if not self.protocols or bad:
             out.append(f"protocols: expected a non-empty list of {', '.join(PROTOCOLS)}, "
@@ -164,10 +174,10 @@ class ContinualScenario:
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int)
                                  for s in self.seeds):
             out.append(f"seeds: expected a non-empty list of integers, got {self.seeds!r}")
-        if self.benchmark.kind == "permuted" and self.ipc < self.benchmark.n_experiences:
-            out.append(f"ipc: a permuted stream shares each class's {self.ipc} images among "
-                       f"{self.benchmark.n_experiences} experiences; ipc must be >= "
-                       "n_experiences")
+        if self.benchmark.kind == "permuted" and self.ipc % max(1, self.benchmark.n_experiences):
+            out.append(f"ipc: a permuted stream shares each class's {self.ipc} images equally "
+                       f"among {self.benchmark.n_experiences} experiences; ipc must be a "
+                       "multiple of n_experiences so every policy gets the same budget")
         out.extend(device_problems(self.device))
         return out
 
@@ -177,6 +187,11 @@ class ContinualScenario:
         if self.distill_model and "model" in fields and "model" not in options:
             return {**options, "model": self.distill_model}
         return dict(options)
+
+
+def policy_label(entry: dict[str, Any]) -> str:
+    """The name a policy entry is reported under: its `label`, else its method name."""
+    return str(entry.get("label", entry["name"]))
 
 
 def _memory(scenario: ContinualScenario, entry: dict[str, Any], bench: ContinualBenchmark,
@@ -199,7 +214,8 @@ def _memory(scenario: ContinualScenario, entry: dict[str, Any], bench: Continual
                 self.post_adapt(strategy, strategy.experience)
 
         return Stock(max_size) if name == "reservoir" else Stock(max_size, adaptive_size=True)
-    options = scenario.method_options(name, {k: v for k, v in entry.items() if k != "name"})
+    options = scenario.method_options(
+        name, {k: v for k, v in entry.items() if k not in ("name", "label")})
     return CondensedBuffer(
         max_size, method=name, method_config=options, total_num_groups=groups, seed=seed,
         device=device, input_space=bench.splits.input_space,
@@ -292,22 +308,56 @@ def run_continual(scenario: ContinualScenario, *, out_dir: Path, device: str | N
     except ImportError:
         raise ConfigError(["the continual scenarios need Avalanche: pip install "
                            "'ddsuite[continual]' (avalanche-lib 0.6.0)"]) from None
-    from .memory import CondensationCache
-
     device_ = resolve_device(device or scenario.device)
     spec = scenario.dataset
     splits = load_dataset(spec.name, data_root=spec.data_root, device="cpu", zca=spec.zca,
                           download=spec.download)
     # Everything checkable is checked before the report folder exists.
-    c, h, w = splits.train.image_shape
-    build_model(scenario.learner.model, in_channels=c, num_classes=splits.train.num_classes,
-                image_size=(h, w), device="cpu")
-    splits.train.check_ipc(scenario.ipc)
-    make_benchmark(splits, kind=scenario.benchmark.kind,
-                   n_experiences=scenario.benchmark.n_experiences, seed=scenario.seeds[0])
+    _precheck(scenario, splits, device_)
     prepare_out_dir(out_dir, resume=False, overwrite=overwrite)
-    write_text(out_dir / "scenario.yaml",
-               yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
+    with scenario_status(out_dir, scenario.name):
+        write_text(out_dir / "scenario.yaml",
+                   yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
+        return _run_all(scenario, splits, out_dir, device_)
+
+
+def _buildable(spec: str, what: str, splits) -> None:
+    """Build `spec` for the dataset on the CPU; a spec that cannot be built is a ConfigError."""
+    c, h, w = splits.train.image_shape
+    try:
+        build_model(spec, in_channels=c, num_classes=splits.train.num_classes,
+                    image_size=(h, w), device="cpu")
+    except DDSuiteError as exc:
+        raise ConfigError([f"{what}: {exc}"]) from None
+    except (RuntimeError, MemoryError) as exc:
+        raise ConfigError([f"{what}: {spec!r} cannot be built ({exc})"]) from None
+
+
+def _precheck(scenario: ContinualScenario, splits, device: torch.device) -> None:
+    """Build the learner, the stream and every memory's distiller on the first experience."""
+    from .memory import experience_tensors
+
+    _buildable(scenario.learner.model, "learner.model", splits)
+    if scenario.distill_model:
+        _buildable(scenario.distill_model, "distill_model", splits)
+    splits.train.check_ipc(scenario.ipc)
+    bench = make_benchmark(splits, kind=scenario.benchmark.kind,
+                           n_experiences=scenario.benchmark.n_experiences, seed=scenario.seeds[0])
+    first = bench.benchmark.train_stream[0]
+    images, labels, _ = experience_tensors(first.dataset)
+    for entry in scenario.policies:
+        storage = _memory(scenario, entry, bench, seed=scenario.seeds[0], device=device,
+                          cache=None)
+        if hasattr(storage, "check_experience"):
+            try:
+                storage.check_experience(images, labels)
+            except (RuntimeError, MemoryError) as exc:
+                raise ConfigError([f"policy {policy_label(entry)!r} cannot condense the first "
+                                   f"experience: {exc}"]) from None
+
+
+def _run_all(scenario: ContinualScenario, splits, out_dir: Path, device_: torch.device) -> str:
+    from .memory import CondensationCache
 
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     benchmarks = []
@@ -323,8 +373,8 @@ def run_continual(scenario: ContinualScenario, *, out_dir: Path, device: str | N
                 run = run_stream(bench, storage, protocol=protocol, learner=scenario.learner,
                                  seed=seed, device=device_)
                 run["seed"] = seed
-                runs.setdefault(entry["name"], {}).setdefault(protocol, []).append(run)
-                print(f"seed {seed} {entry['name']:>10} {protocol:>7}: final average "
+                runs.setdefault(policy_label(entry), {}).setdefault(protocol, []).append(run)
+                print(f"seed {seed} {policy_label(entry):>10} {protocol:>7}: final average "
                       f"accuracy {100 * run['final_average_accuracy']:.1f}%, forgetting "
                       f"{100 * run['forgetting']:.1f}%, condensing {run['condense_seconds']:.0f}"
                       f" s, training {run['train_seconds']:.0f} s", flush=True)
@@ -384,13 +434,15 @@ def _summary(scenario: ContinualScenario, splits, results: dict[str, Any]) -> st
     table = markdown_table(["protocol", "policy", "final avg acc (%)", "forgetting (%)",
                             "BWT (%)", "memory images", "memory KiB", "condense s"], rows)
     learner = scenario.learner
+    schedule = [f"replay: {learner.epochs} epoch(s) per experience"
+                if p == "replay" else f"retrain: {learner.retrain_epochs} epochs on the memory"
+                for p in scenario.protocols]
     return (
         f"# {scenario.name}\n\n{scenario.description.strip()}\n\n"
         f"{scenario.benchmark.kind} {splits.identity.name}, "
         f"{scenario.benchmark.n_experiences} experiences, memory {scenario.ipc} images per "
         f"class ({scenario.ipc * splits.train.num_classes} images), learner {learner.model} "
-        f"(replay: {learner.epochs} epoch(s) per experience; retrain: {learner.retrain_epochs} "
-        f"epochs on the memory), mean ± std over seeds {scenario.seeds}. Metrics from "
+        f"({'; '.join(schedule)}), mean ± std over seeds {scenario.seeds}. Metrics from "
         f"Avalanche's evaluation plugin after the last experience.\n\n{table}\n"
     )
 

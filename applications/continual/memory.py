@@ -38,6 +38,7 @@ from avalanche.training.storage_policy import ExemplarsBuffer
 
 from ddsuite.core.data import DatasetSplits, InputSpace, RealDataset
 from ddsuite.core.data.identity import DatasetIdentity, fingerprint_tensors
+from ddsuite.core.device import device_problems, resolve_device
 from ddsuite.core.engine import distill
 from ddsuite.core.errors import ConfigError, IPCError, UnsupportedFeatureError
 from ddsuite.core.methods import config_from_dict, get_method
@@ -56,6 +57,7 @@ class CondensedGroup:
     experience: int
     label: int
     images: torch.Tensor  # (n, C, H, W) on the CPU
+    task: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -112,7 +114,8 @@ class CondensedBuffer(ExemplarsBuffer):
         device: where to condense.
         input_space: the input space of the experiences' tensors (recorded in provenance);
             None: the tensors are taken as they are.
-        dataset_name: recorded in each condensed experience's identity.
+        dataset_name: the dataset the experiences come from ("mnist", "digits", ...); methods
+            resolve their per-dataset defaults from it.
         task_free: refuse experiences whose task labels are not all 0.
         cache: share condensed experiences with other buffers (see `CondensationCache`).
 
@@ -128,9 +131,13 @@ class CondensedBuffer(ExemplarsBuffer):
                  dataset_name: str = "experience", task_free: bool = True,
                  cache: CondensationCache | None = None):
         problems = []
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            problems.append(f"seed must be an integer, got {seed!r}")
+        problems.extend(device_problems(str(device)))
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
             problems.append(f"max_size must be an integer >= 1, got {max_size!r}")
-        if total_num_groups is not None and (not isinstance(total_num_groups, int)
+        if total_num_groups is not None and (isinstance(total_num_groups, bool)
+                                             or not isinstance(total_num_groups, int)
                                              or total_num_groups < 1):
             problems.append(f"total_num_groups must be None or an integer >= 1, got "
                             f"{total_num_groups!r}")
@@ -144,9 +151,18 @@ class CondensedBuffer(ExemplarsBuffer):
             problems.append("method_config must not set ipc: the memory share sets it")
         distiller = get_method(method)  # UnknownNameError lists the methods
         try:
-            config_from_dict(distiller.Config, options, source=f"method {method!r}")
+            config = config_from_dict(distiller.Config, options, source=f"method {method!r}")
         except ConfigError as exc:
             problems.extend(exc.problems)
+        else:
+            # The memory replays images with hard labels, as stored, counted in images.
+            if getattr(config, "soft_labels", False) or getattr(config, "learn_labels", False):
+                problems.append(f"method {method!r} with soft or learnable labels: this memory "
+                                "replays hard labels; turn soft labels off")
+            if (getattr(config, "factor", 1) or 1) > 1:
+                problems.append(f"method {method!r} with factor={config.factor} stores images "
+                                "that decode to factor^2 images; this memory counts its budget "
+                                "in stored images: use factor=1")
         if problems:
             raise ConfigError(problems, source="CondensedBuffer")
         super().__init__(max_size)
@@ -154,7 +170,7 @@ class CondensedBuffer(ExemplarsBuffer):
         self.method_config = options
         self.total_num_groups = total_num_groups
         self.seed = seed
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device))
         self.input_space = input_space
         self.dataset_name = dataset_name
         self.task_free = task_free
@@ -173,6 +189,11 @@ class CondensedBuffer(ExemplarsBuffer):
         experience = self._num_updates if experience is None else int(experience)
         self._num_updates += 1
         images, labels, tasks = experience_tensors(exp.dataset)
+        task = int(tasks[0])
+        if not self.task_free and bool((tasks != task).any()):
+            raise ConfigError([f"experience {experience} mixes task labels "
+                               f"{sorted(set(tasks.tolist()))}; a task-aware memory needs one "
+                               "task label per experience"], source="CondensedBuffer")
         if self.task_free and bool((tasks != 0).any()):
             found = sorted(set(tasks.tolist()))
             raise ConfigError([f"experience {experience} carries task labels {found}, but this "
@@ -197,7 +218,7 @@ class CondensedBuffer(ExemplarsBuffer):
         condensed, seconds = self._condense(images, labels, classes, share, experience)
         self.condense_seconds.append(seconds)
         for c in classes:
-            self.groups[(experience, c)] = CondensedGroup(experience, c, condensed[c])
+            self.groups[(experience, c)] = CondensedGroup(experience, c, condensed[c], task)
         self._shrink(share, experience)
         self._rebuild()
         self.update_seconds += time.perf_counter() - start
@@ -223,6 +244,21 @@ class CondensedBuffer(ExemplarsBuffer):
         if self.groups:
             self._shrink(self._share(len(self.groups)), self._num_updates)
             self._rebuild()
+
+    def check_experience(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Check, without condensing, that the first experience can be condensed: its share,
+        its class sizes, and the method built on it (raises what `post_adapt` would)."""
+        classes = sorted(set(labels.tolist()))
+        share = self._share(len(classes))
+        short = {c: int((labels == c).sum()) for c in classes if int((labels == c).sum()) < share}
+        if short:
+            raise IPCError(f"the first experience has fewer images than the memory share of "
+                           f"{share} per class ({short}); lower max_size")
+        splits = self._experience_splits(images, labels, classes, 0, "precheck")
+        config = config_from_dict(get_method(self.method).Config,
+                                  {**self.method_config, "ipc": share})
+        config = config.resolve(dataset=splits.identity.name)
+        get_method(self.method)(config, splits=splits, device=self.device)
 
     # -- what the harness reads --------------------------------------------------------------
 
@@ -275,6 +311,9 @@ class CondensedBuffer(ExemplarsBuffer):
                          seed=seed, device=self.device, checkpoint_every=0,
                          extra_meta={"experience": experience})
         seconds = time.perf_counter() - start
+        if result.syn.labels_soft is not None:
+            raise UnsupportedFeatureError(
+                f"method {self.method!r} produced soft labels; this memory replays hard labels")
         if result.syn.decode is not None:
             raise UnsupportedFeatureError(
                 f"method {self.method!r} stores a compact code that decodes to more images "
@@ -294,16 +333,16 @@ class CondensedBuffer(ExemplarsBuffer):
                            classes: list[int], experience: int,
                            fingerprint: str) -> DatasetSplits:
         """The experience as ddsuite splits: labels 0..k-1, the original ones in the map."""
-        lookup = torch.full((max(classes) + 1,), -1, dtype=torch.int64)
-        lookup[torch.tensor(classes)] = torch.arange(len(classes))
-        local = lookup[labels]
+        local = torch.searchsorted(torch.tensor(classes, dtype=torch.int64), labels)
         images = images.to(self.device, torch.float32)
         train = RealDataset(images, local.to(self.device), num_classes=len(classes),
                             class_names=[str(c) for c in classes])
         channels = images.shape[1]
         space = self.input_space or InputSpace(mean=[0.0] * channels, std=[1.0] * channels)
+        # The dataset's own name, so methods resolve their per-dataset defaults (e.g. no flip
+        # augmentation on digits) as they would on the whole dataset.
         identity = DatasetIdentity(
-            name=f"{self.dataset_name}/experience{experience}", source="avalanche experience",
+            name=self.dataset_name, source=f"avalanche experience {experience}",
             num_classes=len(classes), image_shape=tuple(images.shape[1:]),
             num_train=images.shape[0], num_test=0, class_names=[str(c) for c in classes],
             class_map=classes, fingerprint=fingerprint)
@@ -318,9 +357,10 @@ class CondensedBuffer(ExemplarsBuffer):
             if n > share:
                 keep = torch.randperm(n, generator=generator)[:share].sort().values
                 self.groups[key] = CondensedGroup(group.experience, group.label,
-                                                  group.images[keep])
+                                                  group.images[keep], group.task)
                 logger.info("group %s sub-sampled from %d to %d images", key, n, share)
 
     def _rebuild(self) -> None:
         images, labels = self.tensors()
-        self.buffer = tensor_dataset(images, labels)
+        tasks = [g.task for g in self.groups.values() for _ in range(g.images.shape[0])]
+        self.buffer = tensor_dataset(images, labels, task_label=tasks)

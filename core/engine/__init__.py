@@ -15,6 +15,7 @@ from .loop import (
     RunContext,
     distill,
     prepare_out_dir,
+    scenario_status,
     resolve_config,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "TensorBoardLogger",
     "distill",
     "prepare_out_dir",
+    "scenario_status",
     "resolve_config",
 ]

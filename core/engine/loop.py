@@ -21,6 +21,7 @@ from ..data import DatasetSplits
 from ..errors import ConfigError, DDSuiteError, NonFiniteError
 from ..evaluation import EvaluationProtocol
 from ..methods import Distiller, MethodConfig, config_from_dict, get_method
+from ..provenance import timestamp
 from ..synthetic import (
     ARTIFACT_FORMAT,
     META_FILE,
@@ -32,7 +33,8 @@ from ..synthetic import (
 )
 from .callbacks import Callback
 
-__all__ = ["CHECKPOINT_FILE", "DistillResult", "RunContext", "distill", "prepare_out_dir"]
+__all__ = ["CHECKPOINT_FILE", "DistillResult", "RunContext", "distill", "prepare_out_dir",
+           "scenario_status"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ def _is_ddsuite_folder(out_dir: Path) -> bool:
     run = _read_json(out_dir / RUN_FILE)
     if isinstance(run, dict) and isinstance(run.get("key"), dict) and "method" in run["key"]:
         return True
+    if isinstance(run, dict) and isinstance(run.get("scenario"), str):
+        return True
     meta = _read_json(out_dir / META_FILE)
     if isinstance(meta, dict) and meta.get("format") == ARTIFACT_FORMAT:
         return True
@@ -131,6 +135,25 @@ def _foreign_entries(out_dir: Path, prefix: str = "") -> list[str]:
         elif entry.is_dir() and entry.name not in _OWN_CHILDREN:
             foreign.append(name + "/")
     return foreign
+
+
+@contextlib.contextmanager
+def scenario_status(out_dir: Path, scenario: str):
+    """Record a scenario report's status in its `run.json`: running, then finished, failed
+    or interrupted, so a report folder left by a failed run is known as ddsuite's own (and
+    `--overwrite` may replace it)."""
+    record = {"scenario": scenario, "status": "running", "started": timestamp()}
+    write_json(out_dir / RUN_FILE, record)
+    try:
+        yield
+    except KeyboardInterrupt:
+        write_json(out_dir / RUN_FILE, {**record, "status": "interrupted", "ended": timestamp()})
+        raise
+    except BaseException as exc:
+        write_json(out_dir / RUN_FILE, {**record, "status": "failed", "ended": timestamp(),
+                                        "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    write_json(out_dir / RUN_FILE, {**record, "status": "finished", "ended": timestamp()})
 
 
 def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
