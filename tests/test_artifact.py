@@ -317,3 +317,15 @@ def test_parameterised_set_decodes_for_evaluation_and_reports_its_size(tmp_path,
     (tmp_path / "idm" / "artifact.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="factor 3 does not divide the image size 8x8"):
         load_artifact(tmp_path / "idm")
+
+
+def test_edited_label_and_decode_fields_are_refused(tmp_path, digits_splits):
+    distill("random", splits=digits_splits, seed=0, out_dir=tmp_path / "set",
+            config={"ipc": 1, "features": "pixels"}, checkpoint_every=0)
+    meta_path = tmp_path / "set" / "artifact.json"
+    original = json.loads(meta_path.read_text())
+    for field, value, message in (("labels", "soft", "no labels_soft"),
+                                  ("decoded_ipc", 9, "decoded_ipc 9 does not match")):
+        meta_path.write_text(json.dumps({**original, field: value}))
+        with pytest.raises(ArtifactError, match=message):
+            load_artifact(tmp_path / "set")

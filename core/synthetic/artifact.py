@@ -245,6 +245,13 @@ def load_artifact(folder: str | Path, *, device: torch.device | str = "cpu") -> 
     if not images.is_floating_point() or not torch.isfinite(images).all():
         raise ArtifactError(f"{tensors_path} holds non-finite or non-float pixels")
     problems = decode_problems(meta.get("decode"), tuple(images.shape[1:]))
+    decoded_ipc = meta.get("decoded_ipc")
+    if not problems and decoded_ipc is not None \
+            and decoded_ipc != int(meta["ipc"]) * decoded_per_image(meta.get("decode")):
+        problems.append(f"decoded_ipc {decoded_ipc!r} does not match ipc {meta['ipc']} and "
+                        f"decode {meta.get('decode')!r}")
+    if meta.get("labels", "hard") == "soft" and "labels_soft" not in tensors:
+        problems.append('labels is "soft" but the tensors hold no labels_soft')
     if problems:
         raise ArtifactError(f"{folder / META_FILE}: " + "; ".join(problems))
     classes = int(meta["num_classes"])
