@@ -130,6 +130,22 @@ class Distiller(ABC):
                          self.config.batch_real, smallest)
         return min(self.config.batch_real, smallest)
 
+    def siamese_batches(self, syn: SyntheticSet, batch_real: int, generator: torch.Generator,
+                        augment: Any | None) -> tuple[Tensor, Tensor]:
+        """`batch_real` real images per class, (classes * batch_real, C, H, W), and the
+        synthetic images, both seen through one shared draw of `augment` per class (None:
+        unaugmented)."""
+        classes, ipc = syn.num_classes, syn.ipc
+        real = self.train.sample_per_class(batch_real, generator=generator).to(self.device)
+        real = real.flatten(0, 1)
+        images_syn = syn.images_syn  # (classes * ipc, C, H, W)
+        if augment is not None:
+            draw = augment.draw(classes, generator=generator, device=self.device)
+            groups = torch.arange(classes, device=self.device)
+            real = augment.apply(real, draw, groups.repeat_interleave(batch_real))
+            images_syn = augment.apply(images_syn, draw, groups.repeat_interleave(ipc))
+        return real, images_syn
+
     @staticmethod
     def check_finite(loss: Tensor, *, iteration: int, what: str = "loss") -> None:
         if not torch.isfinite(loss).all():

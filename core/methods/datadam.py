@@ -144,16 +144,9 @@ class DataDAM(Distiller):
         net.train()
         for p in net.parameters():
             p.requires_grad_(False)
-        classes, ipc, b = syn.num_classes, syn.ipc, self.batch_real()
+        classes, b = syn.num_classes, self.batch_real()
 
-        real = self.train.sample_per_class(b, generator=generator).to(self.device)
-        real = real.flatten(0, 1)  # (classes * b, C, H, W)
-        images_syn = syn.images_syn  # (classes * ipc, C, H, W)
-        if self.augment is not None:
-            draw = self.augment.draw(classes, generator=generator, device=self.device)
-            groups = torch.arange(classes, device=self.device)
-            real = self.augment.apply(real, draw, groups.repeat_interleave(b))
-            images_syn = self.augment.apply(images_syn, draw, groups.repeat_interleave(ipc))
+        real, images_syn = self.siamese_batches(syn, b, generator, self.augment)
 
         with torch.no_grad():
             maps_real, embed_real = intermediate_features(net, real)
