@@ -44,6 +44,7 @@ CHEAP_OPTIONS = {
     "expert_epochs_train": 6,
     "syn_steps": 4,
     "experts_dir": "none",
+    "squeeze_steps": 5,
 }
 
 
