@@ -76,9 +76,10 @@ def _with_batchnorm(model: str) -> str:
 class SRe2LConfig(MethodConfig):
     """SRe2L's recover settings: 1,000 iterations of Adam (rate 0.25, betas 0.5/0.9, cosine
     decay) from noise, r_bn 0.01, random-resized-crop-style augmentation; relabel
-    temperature 1 (SRe2L's 20 assumes a tempered student, see PUBLISHED_TEMPERATURE). The squeezed network (`squeeze_model`, a BatchNorm ConvNet) is trained by
-    SGD with our settings, sized for small data (the paper squeezes a ResNet to
-    convergence); the set is evaluated on `model`."""
+    temperature 1 (SRe2L's 20 assumes a tempered student, see PUBLISHED_TEMPERATURE). The
+    squeezed network (`squeeze_model`, a BatchNorm ConvNet) is trained by SGD with our
+    settings, sized for small data (the paper squeezes a ResNet to convergence); the set is
+    evaluated on `model`."""
 
     model: str = option("convnet", "the network evaluated on the set (the student); the "
                                    "objective goes through squeeze_model")
