@@ -161,8 +161,15 @@ class Distiller(ABC):
         assert self.optimizer is not None, "setup() must run before step()"
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.step_if_finite(iteration=iteration)
+
+    def step_if_finite(self, *, iteration: int) -> None:
+        """Take the optimiser step unless a gradient is non-finite (a param group's `name`, if
+        it has one, says which learnable tensor it was)."""
+        assert self.optimizer is not None, "setup() must run before step()"
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not torch.isfinite(p.grad).all():
-                    raise NonFiniteError("gradient of the synthetic set", iteration)
+                    what = group.get("name", "synthetic set")
+                    raise NonFiniteError(f"gradient of the {what}", iteration)
         self.optimizer.step()

@@ -190,15 +190,7 @@ class DatasetDistillation(Distiller):
 
         loss = unrolled_real_loss(net, syn.images_syn, targets, step_sizes, real, labels_real,
                                   batches=batches)
-        self.check_finite(loss, iteration=iteration)
-        assert self.optimizer is not None, "setup() must run before step()"
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    raise NonFiniteError(f"gradient of the {group['name']}", iteration)
-        self.optimizer.step()
+        self.update_images(loss, iteration=iteration)
         after = self.step_sizes(syn).detach()
         if not torch.isfinite(after).all():
             raise NonFiniteError("step sizes", iteration,

@@ -128,7 +128,7 @@ class FRePo(KernelRegressionDistiller):
                                  ridge=self.config.ridge, iteration=iteration)
         y_real = centred_one_hot(labels_real, syn.num_classes)
         loss = (prediction - y_real).square().mean()
-        self.update(loss, iteration=iteration)
+        self.update_images(loss, iteration=iteration)
 
         # One online step of the drawn network on the (updated) synthetic set.
         model_loss = self._train_pool_network(index, syn, iteration=iteration)

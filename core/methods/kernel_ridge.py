@@ -261,18 +261,6 @@ class KernelRegressionDistiller(Distiller):
         labels = torch.arange(classes, device=self.device).repeat_interleave(b)
         return real.flatten(0, 1), labels
 
-    def update(self, loss: Tensor, *, iteration: int) -> None:
-        """Backpropagate and step, refusing a non-finite loss or gradient."""
-        self.check_finite(loss, iteration=iteration)
-        assert self.optimizer is not None, "setup() must run before step()"
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    raise NonFiniteError(f"gradient of the {group['name']}", iteration)
-        self.optimizer.step()
-
     @classmethod
     def eval_protocol(cls, config: MethodConfig) -> EvaluationProtocol:
         """Networks trained on the set (the DC protocol); on the learned label distributions

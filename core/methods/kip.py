@@ -105,6 +105,6 @@ class KIP(KernelRegressionDistiller):
         prediction = krr_predict(k_ts, k_ss, regression_targets(syn),
                                  ridge=self.config.ridge, iteration=iteration)
         loss = (prediction - y_real).square().mean()
-        self.update(loss, iteration=iteration)
+        self.update_images(loss, iteration=iteration)
         accuracy = (prediction.argmax(1) == labels_real).float().mean()
         return {"loss": float(loss.detach()), "krr_accuracy": float(accuracy)}

@@ -128,7 +128,7 @@ class RFAD(KernelRegressionDistiller):
             loss = F.cross_entropy(prediction * self.log_platt.exp(), labels_real)
         else:
             loss = (prediction - centred_one_hot(labels_real, syn.num_classes)).square().mean()
-        self.update(loss, iteration=iteration)
+        self.update_images(loss, iteration=iteration)
         accuracy = (prediction.argmax(1) == labels_real).float().mean()
         return {"loss": float(loss.detach()), "krr_accuracy": float(accuracy),
                 "platt_scale": float(self.log_platt.detach().exp())}

@@ -699,11 +699,7 @@ class TrajectoryMatching(Distiller):
                                           augment=self.augment)
             self.check_finite(loss, iteration=iteration)
             loss.backward()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    raise NonFiniteError(f"gradient of the {group['name']}", iteration)
-        self.optimizer.step()
+        self.step_if_finite(iteration=iteration)
         return {"loss": float(loss.detach()), "step_size": float(syn.step_size.detach()),
                 "start_epoch": float(start)}
 
