@@ -23,7 +23,7 @@ from ddsuite.core.methods import config_from_dict, get_method, list_methods
 from ddsuite.core.provenance import library_versions, timestamp
 from ddsuite.core.report import format_mean_std, markdown_table
 
-from .registry import ScenarioKind, register_scenario_kind
+from .registry import ScenarioKind, register_scenario_kind, scenario_name_problems
 
 __all__ = ["CompareScenario", "DatasetSpec", "run_compare"]
 
@@ -63,10 +63,7 @@ class CompareScenario:
     device: str = "auto"
 
     def problems(self) -> list[str]:
-        out = []
-        if not self.name or "/" in self.name or "\\" in self.name or ".." in self.name:
-            out.append(f"name: {self.name!r} must be a plain name (no '/', '\\' or '..'); "
-                       "it names the report folder")
+        out = scenario_name_problems(self.name)
         if not self.methods:
             out.append("methods: name at least one method, e.g. [{name: dm}]")
         for i, entry in enumerate(self.methods):

@@ -23,6 +23,7 @@ __all__ = [
     "list_scenarios",
     "load_scenario",
     "register_scenario_kind",
+    "scenario_name_problems",
 ]
 
 
@@ -46,6 +47,14 @@ SCENARIO_KINDS: Registry[ScenarioKind] = Registry("scenario kind")
 # Modules that register scenario kinds when imported (applications add theirs here).
 _KIND_MODULES = ("ddsuite.scenarios.compare", "ddsuite.applications.continual.harness",
                  "ddsuite.applications.nas.harness")
+
+
+def scenario_name_problems(name: str) -> list[str]:
+    """A scenario's name names its report folder: it must be a plain, non-empty name."""
+    if not name or any(s in name for s in ("/", "\\", "..")):
+        return [f"name: {name!r} must be a plain name (no '/', '\\' or '..'); it names the "
+                "report folder"]
+    return []
 
 
 def register_scenario_kind(kind: ScenarioKind) -> ScenarioKind:

@@ -46,7 +46,11 @@ from ddsuite.core.models import build_model
 from ddsuite.core.provenance import library_versions, timestamp
 from ddsuite.core.report import format_mean_std, markdown_table
 from ddsuite.scenarios.compare import DatasetSpec
-from ddsuite.scenarios.registry import ScenarioKind, register_scenario_kind
+from ddsuite.scenarios.registry import (
+    ScenarioKind,
+    register_scenario_kind,
+    scenario_name_problems,
+)
 
 from .benchmark import BENCHMARK_KINDS, ContinualBenchmark, make_benchmark
 
@@ -124,10 +128,7 @@ class ContinualScenario:
     device: str = "auto"
 
     def problems(self) -> list[str]:
-        out = []
-        if not self.name or any(s in self.name for s in ("/", "\\", "..")):
-            out.append(f"name: {self.name!r} must be a plain name (no '/', '\\' or '..'); "
-                       "it names the report folder")
+        out = scenario_name_problems(self.name)
         if self.ipc < 1:
             out.append(f"ipc: the memory holds ipc images per class; must be >= 1, "
                        f"got {self.ipc}")

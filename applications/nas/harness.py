@@ -39,7 +39,11 @@ from ddsuite.core.methods import config_from_dict, get_method, list_methods
 from ddsuite.core.provenance import library_versions, timestamp
 from ddsuite.core.report import markdown_table
 from ddsuite.scenarios.compare import DatasetSpec
-from ddsuite.scenarios.registry import ScenarioKind, register_scenario_kind
+from ddsuite.scenarios.registry import (
+    ScenarioKind,
+    register_scenario_kind,
+    scenario_name_problems,
+)
 
 from .candidates import ConvNetDims, check_candidates_fit, parse_candidate
 from .ground_truth import GroundTruthCache, measure_ground_truth
@@ -171,10 +175,7 @@ class NasProxyScenario:
     device: str = "auto"
 
     def problems(self) -> list[str]:
-        out = []
-        if not self.name or any(s in self.name for s in ("/", "\\", "..")):
-            out.append(f"name: {self.name!r} must be a plain name (no '/', '\\' or '..'); "
-                       "it names the report folder")
+        out = scenario_name_problems(self.name)
         if self.validation_per_class < 1:
             out.append(f"validation_per_class: must be >= 1, got {self.validation_per_class}")
         if self.ipc < 1:
