@@ -389,3 +389,24 @@ def test_a_bad_policy_fails_before_the_report_folder_and_a_failed_run_can_be_rep
     assert status["status"] == "failed" and "the learner crashed" in status["error"]
     loaded.kind.run(loaded.config, out_dir=tmp_path / "run", device="cpu", overwrite=True)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+
+
+def test_labels_and_seeds_are_checked(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_scenario("split-digits", ["policies.1.label=gdumb", "policies.2.label=a|b",
+                                       "seeds=[100000000000000000]"])
+    text = str(info.value)
+    assert "'gdumb' is the name of another policy" in text
+    assert "without '|'" in text and "seeds: expected a non-empty list of integers in" in text
+
+
+def test_a_live_report_cannot_be_overwritten(tmp_path):
+    from ddsuite.core.engine import prepare_out_dir, scenario_status
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with scenario_status(out, "live"):
+        with pytest.raises(ConfigError, match="in use by another ddsuite process"):
+            prepare_out_dir(out, resume=False, overwrite=True)
+    prepare_out_dir(out, resume=False, overwrite=True)
+    assert not out.exists() or not any(out.iterdir())

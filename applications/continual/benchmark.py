@@ -100,7 +100,10 @@ def make_benchmark(splits: DatasetSplits, *, kind: str = "split", n_experiences:
     problems = []
     if kind not in BENCHMARK_KINDS:
         problems.append(f"kind {kind!r} is not one of {', '.join(BENCHMARK_KINDS)}")
-    if not isinstance(n_experiences, int) or n_experiences < 1:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        problems.append(f"seed must be an integer in 0..2**63-1, got {seed!r}")
+    if isinstance(n_experiences, bool) or not isinstance(n_experiences, int) \
+            or n_experiences < 1:
         problems.append(f"n_experiences must be an integer >= 1, got {n_experiences!r}")
     elif kind == "split" and num_classes % n_experiences:
         divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]

@@ -60,6 +60,8 @@ __all__ = ["AVALANCHE_POLICIES", "BenchmarkSpec", "ContinualScenario", "LearnerS
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("replay", "retrain")
+# Memories condense experience k with seed * 1000 + k, which must fit torch's 64-bit seeds.
+MAX_SEED = 2 ** 32
 AVALANCHE_POLICIES = ("reservoir", "gdumb")
 _ACC_KEY = "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{:03d}"
 
@@ -158,6 +160,17 @@ class ContinualScenario:
                                  self.method_options(name, options))
             except ConfigError as exc:
                 out.extend(f"policies[{i}].{p}" for p in exc.problems)
+        builtin = set(AVALANCHE_POLICIES) | set(list_methods())
+        for i, entry in enumerate(self.policies):
+            if not isinstance(entry, dict) or "label" not in entry:
+                continue
+            label = entry["label"]
+            if not isinstance(label, str) or not label.strip() or "|" in label:
+                out.append(f"policies[{i}].label: expected a non-empty name without '|', "
+                           f"got {label!r}")
+            elif label in builtin and label != entry.get("name"):
+                out.append(f"policies[{i}].label: {label!r} is the name of another policy; "
+                           "choose a label no policy or method has")
         labels = [policy_label(e) for e in self.policies if isinstance(e, dict) and "name" in e]
         repeated = sorted({label for label in labels if labels.count(label) > 1})
         if repeated:
@@ -173,8 +186,9 @@ class ContinualScenario:
             out.append(f"protocols: expected a non-empty list of {', '.join(PROTOCOLS)}, "
                        f"got {self.protocols!r}")
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int)
-                                 for s in self.seeds):
-            out.append(f"seeds: expected a non-empty list of integers, got {self.seeds!r}")
+                                 or not 0 <= s < MAX_SEED for s in self.seeds):
+            out.append(f"seeds: expected a non-empty list of integers in 0..{MAX_SEED - 1}, "
+                       f"got {self.seeds!r}")
         if self.benchmark.kind == "permuted" and self.ipc % max(1, self.benchmark.n_experiences):
             out.append(f"ipc: a permuted stream shares each class's {self.ipc} images equally "
                        f"among {self.benchmark.n_experiences} experiences; ipc must be a "

@@ -143,17 +143,19 @@ def scenario_status(out_dir: Path, scenario: str):
     or interrupted, so a report folder left by a failed run is known as ddsuite's own (and
     `--overwrite` may replace it)."""
     record = {"scenario": scenario, "status": "running", "started": timestamp()}
-    write_json(out_dir / RUN_FILE, record)
-    try:
-        yield
-    except KeyboardInterrupt:
-        write_json(out_dir / RUN_FILE, {**record, "status": "interrupted", "ended": timestamp()})
-        raise
-    except BaseException as exc:
-        write_json(out_dir / RUN_FILE, {**record, "status": "failed", "ended": timestamp(),
-                                        "error": f"{type(exc).__name__}: {exc}"})
-        raise
-    write_json(out_dir / RUN_FILE, {**record, "status": "finished", "ended": timestamp()})
+    with RunLock(out_dir):  # another process may not --overwrite a live report
+        write_json(out_dir / RUN_FILE, record)
+        try:
+            yield
+        except KeyboardInterrupt:
+            write_json(out_dir / RUN_FILE,
+                       {**record, "status": "interrupted", "ended": timestamp()})
+            raise
+        except BaseException as exc:
+            write_json(out_dir / RUN_FILE, {**record, "status": "failed", "ended": timestamp(),
+                                            "error": f"{type(exc).__name__}: {exc}"})
+            raise
+        write_json(out_dir / RUN_FILE, {**record, "status": "finished", "ended": timestamp()})
 
 
 def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
