@@ -14,6 +14,7 @@ from .params import (
     DEFAULT_STRATEGY,
     NO_FLIP_DATASETS,
     AugmentParams,
+    dataset_key,
     default_strategy,
     strategy_for_dataset,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "AugmentParams",
     "DiffAugment",
     "OpDraw",
+    "dataset_key",
     "default_strategy",
     "register_op",
     "strategy_for_dataset",

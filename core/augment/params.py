@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_STRATEGY",
     "NO_FLIP_DATASETS",
     "AugmentParams",
+    "dataset_key",
     "default_strategy",
     "strategy_for_dataset",
 ]
@@ -26,7 +27,7 @@ DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 NO_FLIP_DATASETS = frozenset(
     {"digits", "mnist", "fashionmnist", "svhn", "usps", "emnist", "kmnist", "qmnist"}
 )
-"""Datasets (names normalised by `_dataset_key`) that are distilled without horizontal flips.
+"""Datasets (names normalised by `dataset_key`) that are distilled without horizontal flips.
 
 A mirrored digit or character is not a member of its class: a flipped "2" or "7" is a glyph
 nobody writes, and some mirrored shapes read as another symbol, so flipping injects label
@@ -118,8 +119,9 @@ def default_strategy(*, flip: bool) -> str:
     return "_".join(op for op in DEFAULT_STRATEGY.split("_") if op != "flip")
 
 
-def _dataset_key(name: str) -> str:
-    # "Fashion-MNIST", "fashion_mnist" and "FashionMNIST" all map to "fashionmnist".
+def dataset_key(name: str) -> str:
+    """A dataset name compared without case or punctuation: "Fashion-MNIST", "fashion_mnist"
+    and "FashionMNIST" all give "fashionmnist"."""
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
@@ -143,4 +145,4 @@ def strategy_for_dataset(name: str) -> str:
     """
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a str, got {type(name).__name__}")
-    return default_strategy(flip=_dataset_key(name) not in NO_FLIP_DATASETS)
+    return default_strategy(flip=dataset_key(name) not in NO_FLIP_DATASETS)

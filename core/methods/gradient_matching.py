@@ -29,7 +29,9 @@ __all__ = [
     "DSAConfig",
     "DatasetCondensation",
     "DifferentiableSiameseAugmentation",
+    "GradientMatchingBase",
     "MATCH_DISTANCES",
+    "freeze_batchnorm",
     "gradient_distance",
     "per_class_gradients",
 ]
@@ -37,7 +39,7 @@ __all__ = [
 # Published (outer_loop, inner_loop) per IPC (DC/DSA papers); other IPCs are interpolated.
 OUTER_LOOP_ANCHORS = {1: 1, 10: 10, 20: 20, 30: 30, 40: 40, 50: 50}
 INNER_LOOP_ANCHORS = {1: 1, 10: 50, 20: 25, 30: 20, 40: 15, 50: 10}
-MATCH_DISTANCES = ("layerwise-cosine", "mse", "cosine")
+MATCH_DISTANCES = ("layerwise-cosine", "mse", "l1", "cosine")
 BN_STATS_PER_CLASS = 16  # real images per class used to fix BatchNorm statistics
 
 
@@ -54,7 +56,7 @@ class DCConfig(MethodConfig):
     lr_net: float = option(0.01, "learning rate of the network trained between updates")
     batch_train: int = option(256, "batch size when training the network on the set")
     distance: str = option("layerwise-cosine", "gradient distance: layerwise-cosine (the "
-                                               "papers'), mse, cosine")
+                                               "papers'), mse, l1, cosine")
     augmentation: str | None = option("none", "siamese augmentation strategy ('none' for DC)")
 
     def problems(self) -> list[str]:
@@ -123,11 +125,13 @@ def gradient_distance(g_real: dict[str, Tensor], g_syn: dict[str, Tensor], *,
     syn = torch.cat([g.flatten(1) for g in g_syn.values()], dim=1)
     if distance == "mse":
         return ((real - syn) ** 2).sum()
+    if distance == "l1":
+        return (real - syn).abs().sum()
     cosine = (real * syn).sum(-1) / (real.norm(dim=-1) * syn.norm(dim=-1) + 1e-6)
     return (1 - cosine).sum()
 
 
-def _freeze_batchnorm(net: nn.Module, images: Tensor) -> None:
+def freeze_batchnorm(net: nn.Module, images: Tensor) -> None:
     """Fix BatchNorm statistics on a real batch of all classes, then put BN in eval mode.
 
     Gradient matching feeds one class at a time (IPC 1 means a batch of one image), which
@@ -180,7 +184,9 @@ def per_class_gradients(net: nn.Module, images: Tensor, *, create_graph: bool,
     return {name: torch.stack([g[i] for g in per_class]) for i, name in enumerate(names)}
 
 
-class _GradientMatching(Distiller):
+class GradientMatchingBase(Distiller):
+    """DC's outer and inner loops; subclasses change the config or the step."""
+
     family = "gradient matching"
 
     def __init__(self, config: DCConfig, **kwargs):
@@ -223,7 +229,7 @@ class _GradientMatching(Distiller):
         for outer in range(config.outer_loop):
             bn_batch = self.train.sample_per_class(min(BN_STATS_PER_CLASS, b),
                                                    generator=generator)
-            _freeze_batchnorm(net, bn_batch.flatten(0, 1).to(self.device))
+            freeze_batchnorm(net, bn_batch.flatten(0, 1).to(self.device))
 
             real = self.train.sample_per_class(b, generator=generator).to(self.device)
             real = real.flatten(0, 1)  # (classes * b, C, H, W)
@@ -249,14 +255,14 @@ class _GradientMatching(Distiller):
 
 
 @register_method
-class DatasetCondensation(_GradientMatching):
+class DatasetCondensation(GradientMatchingBase):
     name = "dc"
     summary = "match per-class gradients of real and synthetic batches (Zhao et al. 2021)"
     Config = DCConfig
 
 
 @register_method
-class DifferentiableSiameseAugmentation(_GradientMatching):
+class DifferentiableSiameseAugmentation(GradientMatchingBase):
     name = "dsa"
     summary = "gradient matching under differentiable siamese augmentation (Zhao & Bilen 2021)"
     Config = DSAConfig

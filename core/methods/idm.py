@@ -40,7 +40,6 @@ real batches of 256, CE weight 0.5 at IPC 1 and 10 and 0.1 at IPC 50, factor 2, 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,7 +51,7 @@ from ..augment import DiffAugment, strategy_for_dataset
 from ..errors import ConfigError
 from ..evaluation import EvaluationProtocol
 from ..synthetic import SyntheticSet
-from ..synthetic.decode import partition_expand
+from ..synthetic.decode import factor_problems, partition_compose, partition_expand, real_mosaics
 from .base import Distiller, register_method
 from .config import MethodConfig, interpolate_anchors, option
 
@@ -136,18 +135,6 @@ class IDMConfig(MethodConfig):
         )
 
 
-def partition_compose(tiles: Tensor, factor: int) -> Tensor:
-    """The inverse of partitioning: put (N * factor**2, C, h, w) tiles into N mosaics.
-
-    Tiles are taken in the order `partition_expand` produces them; the result is
-    (N, C, h * factor, w * factor).
-    """
-    m, c, th, tw = tiles.shape
-    n = m // (factor * factor)
-    grid = tiles.reshape(n, factor, factor, c, th, tw).permute(0, 3, 1, 4, 2, 5)
-    return grid.reshape(n, c, th * factor, tw * factor)
-
-
 @dataclass
 class PoolEntry:
     """One network of the pool with its optimiser and training record."""
@@ -174,12 +161,9 @@ class IDM(Distiller):
 
     def __init__(self, config: IDMConfig, **kwargs):
         super().__init__(config, **kwargs)
-        _, h, w = self.train.image_shape
-        if h % config.factor or w % config.factor:
-            side = math.gcd(h, w)
-            allowed = [str(d) for d in range(1, side + 1) if side % d == 0]
-            raise ConfigError([f"factor={config.factor} does not divide {h}x{w} images; "
-                               f"allowed: {', '.join(allowed)}"], source="idm config")
+        problems = factor_problems(config.factor, self.train.image_shape)
+        if problems:
+            raise ConfigError(problems, source="idm config")
         strategy = config.augmentation or "none"
         self.augment = DiffAugment(strategy) if strategy != "none" else None
         self.pool: list[PoolEntry | None] = [None] * config.pool_size
@@ -191,12 +175,7 @@ class IDM(Distiller):
         factor = self.config.factor
         if init != "real" or factor == 1:
             return super().initial_images(init, generator)
-        ipc, train = self.config.ipc, self.train
-        draws = [train.sample_per_class(ipc, generator=generator) for _ in range(factor ** 2)]
-        real = torch.stack(draws, dim=2).to(self.device)  # (classes, ipc, f * f, C, H, W)
-        real = real.flatten(0, 2)  # (classes * ipc * f * f, C, H, W)
-        small = F.avg_pool2d(real, kernel_size=factor)  # (..., C, H / f, W / f)
-        return partition_compose(small, factor)  # (classes * ipc, C, H, W)
+        return real_mosaics(self.train, self.config.ipc, factor, generator).to(self.device)
 
     # -- the model pool --------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..augment import NO_FLIP_DATASETS, DiffAugment
+from ..augment import NO_FLIP_DATASETS, DiffAugment, dataset_key
 from ..errors import ConfigError, UnsupportedFeatureError
 from ..evaluation import EvaluationProtocol
 from ..models import ModelSpec, parse_model_spec
@@ -60,8 +60,7 @@ SUPPORTED_MODELS = ("convnet(norm=batch)", "convnet-bn", "resnet18-bn", "alexnet
 
 
 def _without_flip(dataset: str) -> bool:
-    key = "".join(ch for ch in dataset.lower() if ch.isalnum())
-    return key in NO_FLIP_DATASETS
+    return dataset_key(dataset) in NO_FLIP_DATASETS
 
 
 def _with_batchnorm(model: str) -> str:

@@ -13,13 +13,15 @@ Known decoders:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["DECODE_KINDS", "decode_problems", "decode_set", "decoded_per_image",
-           "partition_expand"]
+           "factor_problems", "partition_compose", "partition_expand", "real_mosaics"]
 
 DECODE_KINDS = ("partition-expand",)
 
@@ -42,6 +44,47 @@ def partition_expand(images: Tensor, factor: int) -> Tensor:
     tiles = images.reshape(n, c, factor, th, factor, tw).permute(0, 2, 4, 1, 3, 5)
     tiles = tiles.reshape(n * factor * factor, c, th, tw)  # (N * f * f, C, H / f, W / f)
     return F.interpolate(tiles, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def partition_compose(tiles: Tensor, factor: int) -> Tensor:
+    """The inverse of partitioning: put (N * factor**2, C, h, w) tiles into N mosaics.
+
+    Tiles are taken in the order `partition_expand` produces them; the result is
+    (N, C, h * factor, w * factor).
+    """
+    m, c, th, tw = tiles.shape
+    n = m // (factor * factor)
+    grid = tiles.reshape(n, factor, factor, c, th, tw).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(n, c, th * factor, tw * factor)
+
+
+def real_mosaics(train, ipc: int, factor: int, generator: torch.Generator) -> Tensor:
+    """The multi-formation start: each stored image a mosaic of factor**2 real images of its
+    class, each downscaled by `factor` (average pooling).
+
+    Args:
+        train: the real training set (a `RealDataset`: ``sample_per_class``).
+        ipc: stored images per class.
+        factor: tiles per side.
+        generator: the draw of real images.
+
+    Returns:
+        (classes * ipc, C, H, W), class-major, on `train`'s device.
+    """
+    draws = [train.sample_per_class(ipc, generator=generator) for _ in range(factor ** 2)]
+    real = torch.stack(draws, dim=2).flatten(0, 2)  # (classes * ipc * f * f, C, H, W)
+    small = F.avg_pool2d(real, kernel_size=factor)  # (..., C, H / f, W / f)
+    return partition_compose(small, factor)
+
+
+def factor_problems(factor: int, image_shape: tuple[int, ...]) -> list[str]:
+    """A partition factor must divide the images' height and width; lists what does."""
+    h, w = image_shape[-2:]
+    if h % factor == 0 and w % factor == 0:
+        return []
+    side = math.gcd(h, w)
+    allowed = [str(d) for d in range(1, side + 1) if side % d == 0]
+    return [f"factor={factor} does not divide {h}x{w} images; allowed: {', '.join(allowed)}"]
 
 
 def decode_problems(decode: Any, image_shape: tuple[int, ...]) -> list[str]:
