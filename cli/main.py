@@ -291,12 +291,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"  {name}")
     if what in ("all", "methods"):
         print("methods:")
-        for name in list_methods():
+        names = list_methods()
+        families = {name: get_method(name).family for name in names}
+        width = max(map(len, names), default=0)
+        family_width = max(map(len, families.values()), default=0)
+        for name in names:
             cls = get_method(name)
-            print(f"  {name:<12} {cls.family:<24} {cls.summary}")
+            print(f"  {name:<{width}}  {families[name]:<{family_width}}  {cls.summary}")
             if args.details:
-                for field, kind, default, text in describe_config(cls.Config):
-                    print(f"      {field:<14} {kind:<18} {default!r:<12} {text}")
+                rows = describe_config(cls.Config)
+                widths = [max((len(str(r[i]) if i < 2 else repr(r[i])) for r in rows), default=0)
+                          for i in range(3)]
+                for field, kind, default, text in rows:
+                    print(f"      {field:<{widths[0]}}  {kind:<{widths[1]}}  "
+                          f"{default!r:<{widths[2]}}  {text}")
     if what in ("all", "scenarios"):
         print("scenarios:")
         names = list_scenarios()

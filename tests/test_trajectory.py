@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from ddsuite.core.augment import DiffAugment
 from ddsuite.core.data import InputSpace
-from ddsuite.core.engine import Callback, distill
+import ddsuite.core.engine.callbacks as callbacks
+from ddsuite.core.engine import Callback, FinalEvaluation, distill
+from ddsuite.core.engine.loop import resolve_config
 from ddsuite.core.errors import ExpertTrajectoryError, MemoryEstimateError, NonFiniteError
 from ddsuite.core.experts import (
     META_FILE,
@@ -31,6 +34,7 @@ from ddsuite.core.methods.trajectory import (
     student_loss,
     unrolled_matching_loss,
 )
+from ddsuite.core.methods import get_method
 from ddsuite.core.models import build_model
 from ddsuite.core.synthetic import load_artifact
 
@@ -194,6 +198,30 @@ def test_step_size_is_learned_positive_and_saved(digits_splits, tmp_path, method
     artifact = load_artifact(tmp_path / "run")
     saved = float(artifact.tensors["log_step_size"].exp())
     assert saved == pytest.approx(step_size, rel=1e-6)
+    # MTT's protocol trains evaluation networks with the learned step size, not the initial
+    assert result.protocol.lr == pytest.approx(step_size, rel=1e-6)
+    assert artifact.meta["protocol"]["lr"] == pytest.approx(step_size, rel=1e-6)
+
+
+def test_final_evaluation_trains_with_the_learned_step_size(digits_splits, tmp_path,
+                                                            monkeypatch):
+    seen = []
+    monkeypatch.setattr(callbacks, "evaluate_images",
+                        lambda *a, protocol, **k: seen.append(protocol) or _FakeResult())
+    config = {**TINY, "experts_dir": str(tmp_path / "experts"), "lr_step_size": 1e-3}
+    config_obj = resolve_config("mtt", config, dataset="digits")
+    protocol = get_method("mtt").eval_protocol(config_obj)
+    other = replace(protocol, name="dc", lr=0.05)
+    result = distill("mtt", splits=digits_splits, config=config, seed=0,
+                     callbacks=[FinalEvaluation(protocol), FinalEvaluation(other)])
+    learned = float(result.syn.step_size.detach())
+    assert seen[0].lr == pytest.approx(learned, rel=1e-6) and learned != 0.01
+    assert seen[1].lr == 0.05  # a protocol that is not MTT's keeps its learning rate
+
+
+class _FakeResult:
+    def to_dict(self):
+        return {}
 
 
 def test_tesla_soft_labels_are_expert_logits_and_evaluated_soft(digits_splits, tmp_path):

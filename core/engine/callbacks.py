@@ -61,10 +61,11 @@ class PeriodicEvaluation(Callback):
     def on_step(self, ctx: "RunContext", metrics: dict[str, float]) -> None:
         if self.every <= 0 or ctx.iteration % self.every:
             return
+        protocol = ctx.distiller.final_protocol(ctx.syn, self.protocol)  # current step size
         images, labels, _ = decode_set(ctx.syn.images_syn.detach(), ctx.syn.labels_syn,
                                        decode=ctx.syn.decode)
         result = evaluate_images(images, labels, ctx.splits,
-                                 protocol=self.protocol, device=ctx.device, seed=ctx.seed)
+                                 protocol=protocol, device=ctx.device, seed=ctx.seed)
         scores = {m: s.mean for m, s in result.scores.items()}
         ctx.history.append({"iteration": ctx.iteration, "evaluation": scores})
         logger.info("iteration %d: %s", ctx.iteration,
@@ -79,12 +80,13 @@ class FinalEvaluation(Callback):
         self.seed = seed
 
     def on_end(self, ctx: "RunContext") -> None:
-        labels_soft = ctx.syn.labels_soft if self.protocol.label_loss != "cross_entropy" else None
+        protocol = ctx.distiller.final_protocol(ctx.syn, self.protocol)
+        labels_soft = ctx.syn.labels_soft if protocol.label_loss != "cross_entropy" else None
         images, labels, labels_soft = decode_set(
             ctx.syn.images_syn.detach(), ctx.syn.labels_syn,
             None if labels_soft is None else labels_soft.detach(), ctx.syn.decode)
         result = evaluate_images(images, labels, ctx.splits,
-                                 protocol=self.protocol, device=ctx.device,
+                                 protocol=protocol, device=ctx.device,
                                  seed=ctx.seed if self.seed is None else self.seed,
                                  labels_soft=labels_soft)
         ctx.metrics["evaluation"] = result.to_dict()

@@ -445,7 +445,8 @@ def distill(
         logger.info("%s already holds the finished run; nothing to resume", out)
         syn = SyntheticSet(artifact.images_syn, num_classes=artifact.num_classes,
                            ipc=artifact.ipc)
-        return DistillResult(syn=syn, config=config, protocol=protocol, history=[],
+        saved = EvaluationProtocol.from_dict(artifact.meta["protocol"])
+        return DistillResult(syn=syn, config=config, protocol=saved, history=[],
                              metrics=artifact.meta.get("metrics", {}), seconds=0.0, out_dir=out)
 
     lock = RunLock(out) if out is not None else contextlib.nullcontext()
@@ -455,13 +456,15 @@ def distill(
                         checkpoint_every=checkpoint_every, resume=resume, start=start)
         seconds = ctx.metrics["distill_seconds"]
         syn = ctx.syn
+        protocol = distiller.final_protocol(syn, protocol)
         if out is not None:
             save_artifact(
                 out, syn.tensors(), method=method, config=config.to_dict(), seed=seed,
                 dataset=splits.identity.to_dict(), input_space=splits.input_space.to_dict(),
                 protocol=protocol.to_dict(), metrics=ctx.metrics, decode=syn.decode,
                 extra={"family": distiller.family, "iterations": ctx.iterations,
-                       "run_key": key, "history": ctx.history, **(extra_meta or {})},
+                       "run_key": key, "history": ctx.history, **(extra_meta or {}),
+                       **distiller.artifact_meta()},
             )
             _write_status(out, key, protocol, ctx.iterations, "finished", seconds=seconds)
             (out / CHECKPOINT_FILE).unlink(missing_ok=True)

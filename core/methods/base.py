@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import torch
@@ -31,11 +32,38 @@ def register_method(cls: type["Distiller"]) -> type["Distiller"]:
     return cls
 
 
+# Packages add methods through this entry-point group: each entry names a module whose import
+# registers distillers (ddsuite's own privacy application registers dp-dm and dp-dc this way).
+ENTRY_POINT_GROUP = "ddsuite.methods"
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Import every module of the ``ddsuite.methods`` entry-point group, once.
+
+    A module that fails to import is logged and skipped, so one broken package cannot hide
+    the other methods; its methods are then simply not registered.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as exc:  # a third-party module may fail in any way
+            logger.warning("methods of entry point %r (%s) are unavailable: %s", entry.name,
+                           entry.value, exc)
+
+
 def get_method(name: str) -> type["Distiller"]:
+    if name not in METHODS:
+        _load_plugins()
     return METHODS.get(name)
 
 
 def list_methods() -> list[str]:
+    _load_plugins()
     return METHODS.names()
 
 
@@ -91,6 +119,17 @@ class Distiller(ABC):
     def eval_protocol(cls, config: MethodConfig) -> EvaluationProtocol:
         """The evaluation protocol the published method was reported under."""
         return EvaluationProtocol(models=(config.model,))
+
+    def artifact_meta(self) -> dict[str, Any]:
+        """Metadata the finished set's artifact must carry beyond the engine's own (a private
+        distiller's spent budget); read once the run has ended."""
+        return {}
+
+    def final_protocol(self, syn: SyntheticSet,
+                       protocol: EvaluationProtocol) -> EvaluationProtocol:
+        """The protocol the finished `syn` is evaluated under: `protocol` itself, unless the
+        method learns part of its own protocol (MTT's step size becomes the learning rate)."""
+        return protocol
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict() if self.optimizer else None}

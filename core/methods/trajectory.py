@@ -705,17 +705,26 @@ class TrajectoryMatching(Distiller):
 
     @classmethod
     def eval_protocol(cls, config: MethodConfig) -> EvaluationProtocol:
-        """MTT evaluates networks trained 1000 epochs under DSA; its networks use the learned
-        step size as their learning rate, which the artifact stores (log_step_size); the
-        protocol records the initial one."""
+        """MTT evaluates networks trained 1000 epochs under DSA with the learned step size as
+        their learning rate; before the run the protocol holds the initial step size, and
+        `final_protocol` puts in the learned one."""
         soft = bool(getattr(config, "soft_labels", False))
         return EvaluationProtocol(
             name="mtt", models=(config.model,), augmentation=config.augmentation or "none",
             lr=config.step_size_init or PUBLISHED_STEP_SIZE,
             label_loss="soft_cross_entropy" if soft else "cross_entropy",
-            extra={"lr": "the published protocol trains with the learned step size "
-                         "(exp of log_step_size in the artifact)",
+            extra={"lr": "initial step size (replaced by the learned one when the run ends)",
                    "labels": "soft (expert logits)" if soft else "hard"})
+
+    def final_protocol(self, syn: SyntheticSet,
+                       protocol: EvaluationProtocol) -> EvaluationProtocol:
+        """MTT's own protocol trains with the learned step size; other protocols (a user's
+        cross-architecture one, say) keep their learning rate."""
+        if protocol.name != "mtt" or syn.step_size is None:
+            return protocol
+        learned = float(syn.step_size.detach())
+        extra = {**protocol.extra, "lr": "the learned step size (exp of log_step_size)"}
+        return replace(protocol, lr=learned, extra=extra)
 
 
 @register_method
