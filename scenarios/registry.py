@@ -46,7 +46,9 @@ SCENARIO_KINDS: Registry[ScenarioKind] = Registry("scenario kind")
 
 # Modules that register scenario kinds when imported (applications add theirs here).
 _KIND_MODULES = ("ddsuite.scenarios.compare", "ddsuite.applications.continual.harness",
-                 "ddsuite.applications.nas.harness", "ddsuite.applications.privacy.harness")
+                 "ddsuite.applications.nas.harness",
+                 "ddsuite.applications.federated.harness",
+                 "ddsuite.applications.privacy.harness")
 
 
 def scenario_name_problems(name: str) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,7 +164,6 @@ def test_dp_dm_artifact_records_what_was_spent(digits_splits, tmp_path):
 def test_a_plain_engine_run_of_dp_dc_records_its_queries(digits_splits, tmp_path):
     """`ddsuite distill --method dp-dc` goes through the engine alone: its artifact must still
     say what was spent, counting every outer step as a query."""
-    from ddsuite.core.engine import distill
     from ddsuite.core.synthetic import load_artifact
 
     config = {**TINY, "epsilon": 8.0, "outer_loop": 2}
@@ -342,3 +343,17 @@ def test_privacy_mnist_scenario_passes_its_prechecks(shared_data_root):
     assert (len(split.members), len(split.non_members), len(split.shadow_pool)) == (
         10000, 10000, 40000)
     _precheck(config, splits, split, torch.device("cpu"))  # budgets reachable, model valid
+
+
+def test_readme_privacy_example_runs(tmp_path, monkeypatch):
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    match = re.search(r"<!-- privacy-example -->\s*```python\n(.*?)```",
+                      readme.read_text(encoding="utf-8"), re.S)
+    assert match, "the README's DP distillation example is missing"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)  # noqa: S102
+    privacy = namespace["privacy"]
+    assert privacy["steps"] == 100 and privacy["accountant"] == "rdp"
+    assert 0.9 < privacy["epsilon"] <= 1.0
+    assert privacy["noise_multiplier"] > 1.0
