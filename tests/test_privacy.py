@@ -21,6 +21,7 @@ from ddsuite.applications.privacy import (  # noqa: E402
     MembershipSplitError,
     PrivacyBudgetError,
     PrivateModelError,
+    UnaccountedReleaseError,
     clip_per_sample,
     noisy_class_sums,
     plan_privacy,
@@ -33,9 +34,11 @@ from ddsuite.applications.privacy.audit import (  # noqa: E402
     lira_offline_scores,
     make_membership_split,
 )
+from ddsuite.applications.privacy.distillers import DPDCConfig, DPDMConfig  # noqa: E402
 from ddsuite.applications.privacy.dpsgd import DPSGDConfig, train_dp_sgd  # noqa: E402
+from ddsuite.applications.privacy.inputs import normalisation_record  # noqa: E402
 from ddsuite.applications.privacy.ledger import distill_private  # noqa: E402
-from ddsuite.core.engine import distill  # noqa: E402
+from ddsuite.core.engine import Callback, distill  # noqa: E402
 from ddsuite.core.errors import ConfigError  # noqa: E402
 from ddsuite.core.methods import config_from_dict, get_method  # noqa: E402
 
@@ -208,6 +211,36 @@ def test_dp_sgd_spends_at_most_its_target_and_learns(digits_splits):
     assert accuracy > 0.3  # chance is 0.1
 
 
+def test_dp_sgd_takes_noise_only_steps_on_empty_poisson_batches(digits_splits):
+    """100 examples at batch 1: each step's batch is empty with probability 0.99^100 ~ 0.37,
+    so a run of 100 steps meets many; each must still be a noisy, accounted step."""
+    train = digits_splits.train
+    images, labels = train.images[:100], train.labels[:100]
+    for model in ("mlp", MODEL):
+        result = train_dp_sgd(images, labels, model=model, num_classes=10,
+                              config=DPSGDConfig(epsilon=10.0, epochs=1, batch_size=1),
+                              device="cpu", seed=0)
+        assert result.privacy["steps"] == 100
+        assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_private_distillers_report_no_batch_size(digits_splits):
+    """The Poisson batch size is neither noised nor accounted: it must not reach the logs."""
+
+    class Keys(Callback):
+        seen: set[str] = set()
+
+        def on_step(self, ctx, metrics):
+            self.seen |= set(metrics)
+
+    for method, extra in (("dp-dm", {}), ("dp-dc", {"outer_loop": 1, "inner_loop": 1})):
+        keys = Keys()
+        keys.seen = set()
+        distill(method, splits=digits_splits, seed=0, callbacks=[keys],
+                config={**TINY, **extra, "iterations": 2, "epsilon": 8.0})
+        assert keys.seen == {"loss"}, method
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
@@ -233,6 +266,84 @@ def test_real_init_is_refused_by_private_distillers():
     for method in ("dp-dm", "dp-dc"):
         with pytest.raises(ConfigError, match="without any privacy accounting.*init: noise"):
             config_from_dict(get_method(method).Config, {**TINY, "init": "real"})
+
+
+@pytest.mark.parametrize("config_cls", [DPDMConfig, DPDCConfig])
+def test_real_init_in_a_typed_config_is_refused_by_the_distiller(digits_splits, config_cls):
+    method = "dp-dm" if config_cls is DPDMConfig else "dp-dc"
+    for init in ("real", "kmeans"):
+        config = config_cls(init=init, ipc=2, iterations=1, model=MODEL)
+        with pytest.raises(UnaccountedReleaseError, match=rf"init '{init}'.*init: noise"):
+            distill(method, splits=digits_splits, config=config)
+        with pytest.raises(UnaccountedReleaseError, match="init: noise"):
+            distill_private(method, splits=digits_splits, config=config)
+    # a config changed after the distiller was built is caught before any image is drawn
+    config = config_cls(ipc=2, iterations=1, model=MODEL).resolve(dataset="digits")
+    distiller = get_method(method)(config, splits=digits_splits, device="cpu")
+    distiller.config.init = "real"
+    with pytest.raises(UnaccountedReleaseError, match="init: noise"):
+        distiller.initialize(torch.Generator().manual_seed(0))
+
+
+def test_zca_fitted_on_the_private_images_is_refused():
+    from ddsuite.core.data import load_dataset
+    from ddsuite.scenarios.registry import load_scenario
+
+    whitened = load_dataset("digits", zca=True)
+    for method in ("dp-dm", "dp-dc"):
+        with pytest.raises(UnaccountedReleaseError, match=r"ZCA-whitened.*dataset.zca: false"):
+            distill(method, splits=whitened, config={**TINY, "epsilon": 8.0})
+    with pytest.raises(ConfigError, match="dataset.zca: .*private targets need"):
+        load_scenario("privacy-digits", ["dataset.zca=true"])
+
+
+def test_the_record_says_whether_the_normalisation_was_fitted_on_private_data(
+        digits_splits, caplog, monkeypatch):
+    from dataclasses import replace
+
+    from ddsuite.applications.privacy import inputs
+    from ddsuite.core.data import InputSpace
+
+    monkeypatch.setattr(inputs, "_warned", set())  # the warning is logged once per process
+    caplog.set_level("WARNING", logger="ddsuite.applications.privacy.inputs")
+    result, record = distill_private("dp-dm", splits=digits_splits, seed=0,
+                                     config={**TINY, "iterations": 1, "epsilon": 8.0})
+    fitted = record["normalisation"]
+    assert fitted["fitted_on_private_data"] is True
+    assert fitted["mean"] == list(digits_splits.input_space.mean)
+    assert "normalisation constants" in record["public"]
+    assert "fitted on the training split" in caplog.text
+    # MNIST's published constants are not a statistic of the private data
+    mnist = replace(digits_splits, identity=replace(digits_splits.identity, name="mnist[members]"),
+                    input_space=InputSpace((0.1307,), (0.3081,)))
+    published = normalisation_record(mnist, what="dp-dm")
+    assert published["fitted_on_private_data"] is False
+    assert "published constants of mnist" in published["origin"]
+
+
+@pytest.mark.parametrize("clip", [math.inf, math.nan, 0.0])
+def test_clip_norm_must_be_finite_and_positive(digits_splits, clip):
+    for method in ("dp-dm", "dp-dc"):
+        with pytest.raises(ConfigError, match="clip_norm must be a finite number > 0"):
+            config_from_dict(get_method(method).Config, {**TINY, "clip_norm": clip})
+    # a typed config skips problems(); the distiller checks again
+    with pytest.raises(PrivacyBudgetError, match="clip_norm must be a finite number > 0"):
+        distill("dp-dm", splits=digits_splits, config=DPDMConfig(ipc=2, iterations=1,
+                                                                 model=MODEL, clip_norm=clip))
+    assert any("clip_norm: must be a finite number > 0" in p
+               for p in DPSGDConfig(clip_norm=clip).problems())
+    train = digits_splits.train
+    with pytest.raises(PrivacyBudgetError, match="clip_norm: must be a finite number > 0"):
+        train_dp_sgd(train.images, train.labels, model=MODEL, num_classes=10,
+                     config=DPSGDConfig(clip_norm=clip), device="cpu")
+
+
+def test_scenario_refuses_bad_clip_norms_before_any_folder(tmp_path):
+    from ddsuite.scenarios.registry import load_scenario
+
+    for override in ("dp_sgd.clip_norm=.inf", "private_options.clip_norm=.nan"):
+        with pytest.raises(ConfigError, match="clip_norm.*must be a finite number > 0"):
+            load_scenario("privacy-digits", [override])
 
 
 def test_batchnorm_is_refused_with_the_fix(digits_splits):
@@ -274,6 +385,28 @@ def test_attack_metrics_on_separable_and_on_random_scores():
     auc = chance["auc"]
     assert auc["ci_low"] <= 0.5 <= auc["ci_high"] and auc["ci_low"] <= auc["value"]
     assert chance["tpr_at_0.01_fpr"]["value"] < 0.05
+
+
+def test_balanced_accuracy_interval_covers_chance_on_pure_noise():
+    """The best threshold on the same data is biased upwards (its interval used to sit above
+    0.5 for scores with no signal); the held-out balanced accuracy is not."""
+    is_member = np.r_[np.ones(300), np.zeros(300)]
+    covered = []
+    for seed in range(10):
+        scores = np.random.default_rng(100 + seed).normal(size=600)
+        m = attack_metrics(scores, is_member, bootstrap=100, seed=seed)["balanced_accuracy"]
+        assert m["ci_low"] <= m["value"] <= m["ci_high"]
+        assert m["held_out_members"] == m["held_out_non_members"] == 150
+        covered.append(m["ci_low"] <= 0.5 <= m["ci_high"])
+    assert sum(covered) >= 8, covered
+
+
+def test_attack_metrics_need_a_bootstrap_and_two_of_each():
+    is_member = np.r_[np.ones(10), np.zeros(10)]
+    with pytest.raises(MembershipSplitError, match="bootstrap must be an integer >= 1"):
+        attack_metrics(np.arange(20.0), is_member, bootstrap=0)
+    with pytest.raises(MembershipSplitError, match="at least 2 members and 2 non-members"):
+        attack_metrics(np.arange(11.0), np.r_[np.ones(1), np.zeros(10)], bootstrap=5)
 
 
 def test_lira_ranks_by_distance_above_the_out_distribution():
@@ -328,6 +461,63 @@ def test_scenario_reports_every_problem_at_once(digits_splits):
     for expected in ("epsilon must be a finite number > 0", "targets:", "init: noise",
                      "lira needs >= 1 shadow"):
         assert expected in text
+
+
+def test_scenario_refuses_a_bootstrap_of_zero_and_duplicate_epsilons():
+    from ddsuite.scenarios.registry import load_scenario
+
+    with pytest.raises(ConfigError, match="bootstrap: must be >= 1"):
+        load_scenario("privacy-digits", ["audit.bootstrap=0"])
+    for epsilons in ("[1, 1]", "[1, 1.0000001, 10]"):
+        same = r"epsilons: 1\.0, 1\.0.* are the same target \(each labelled @1\)"
+        with pytest.raises(ConfigError, match=same):
+            load_scenario("privacy-digits", [f"epsilons={epsilons}"])
+
+
+def test_scenario_messages_name_each_problem_once(digits_splits):
+    from ddsuite.applications.privacy.harness import _membership, _precheck
+    from ddsuite.scenarios.registry import load_scenario
+
+    with pytest.raises(ConfigError) as info:
+        load_scenario("privacy-digits", ["accountant=foo", "delta=2",
+                                         "private_options.noise_multiplier=2",
+                                         "private_options.clip_norm=-1"])
+    text = str(info.value)
+    assert text.count("'foo'") == 1 and text.count("delta must lie in (0, 1)") == 1
+    assert "private_options: give exactly one of epsilon" in text
+    assert "private_options.clip_norm must be a finite number > 0" in text
+    loaded = load_scenario("privacy-digits", ["model=convnet-bn(width=8, depth=2)",
+                                              "targets=[dp-sgd]", "epsilons=[1]"])
+    config = loaded.config
+    with pytest.raises(ConfigError) as info:
+        _precheck(config, digits_splits, _membership(config, digits_splits),
+                  torch.device("cpu"))
+    text = str(info.value)
+    assert "dp-sgd@1: model 'convnet-bn(width=8, depth=2)'" in text
+    assert "dp-sgd@1: dp-sgd@1" not in text
+
+
+def test_privacy_report_records_the_resolved_scenario_with_empty_dp_sgd_batches(tmp_path):
+    """The command of the empty-batch report (batch 2 on 449 members), on an MLP: the run
+    finishes, metrics.json holds the resolved scenario, summary.md describes the overrides."""
+    from ddsuite.scenarios.registry import load_scenario
+
+    loaded = load_scenario("privacy-digits", [
+        "targets=[real, dp-sgd]", "epsilons=[7]", "dp_sgd.batch_size=2", "dp_sgd.epochs=1",
+        "audit.shadows=1", "audit.bootstrap=5", "model=mlp", "train.real_epochs=2",
+        "device=cpu"])
+    out = tmp_path / "report"
+    summary = loaded.kind.run(loaded.config, out_dir=out, resolved=loaded.resolved)
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = metrics["config"]
+    assert config["targets"] == ["real", "dp-sgd"] and config["epsilons"] == [7]
+    assert config["dp_sgd"]["batch_size"] == 2 and config["audit"]["shadows"] == 1
+    assert "private_options" in config and "distill_options" in config
+    privacy = metrics["results"]["dp-sgd@7"]["privacy"]
+    assert privacy["steps"] > 0 and privacy["normalisation"]["fitted_on_private_data"]
+    assert "epsilon 7 " in summary and "1 shadow(s)" in summary
+    assert "epsilon 1 and 10" not in summary and "(2 shadows)" not in summary
+    assert "held out" in summary
 
 
 @pytest.mark.shared_data

@@ -7,7 +7,12 @@ imported only when a private run or an accountant is used.
 
 from .accounting import ACCOUNTANTS, PrivacyPlan, budget_problems, plan_privacy, spent_epsilon
 from .distillers import DPDCConfig, DPDMConfig, PrivateDC, PrivateDM
-from .errors import MembershipSplitError, PrivacyBudgetError, PrivateModelError
+from .errors import (
+    MembershipSplitError,
+    PrivacyBudgetError,
+    PrivateModelError,
+    UnaccountedReleaseError,
+)
 from .mechanism import clip_per_sample, noisy_class_sums, poisson_sample
 from .models import check_private_model, fix_private_model
 
@@ -21,6 +26,7 @@ __all__ = [
     "PrivateDC",
     "PrivateDM",
     "PrivateModelError",
+    "UnaccountedReleaseError",
     "budget_problems",
     "check_private_model",
     "clip_per_sample",

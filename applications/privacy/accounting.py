@@ -16,7 +16,15 @@ from typing import Any
 
 from .errors import PrivacyBudgetError
 
-__all__ = ["ACCOUNTANTS", "PrivacyPlan", "budget_problems", "plan_privacy", "spent_epsilon"]
+__all__ = [
+    "ACCOUNTANTS",
+    "PrivacyPlan",
+    "budget_problems",
+    "clip_norm_problems",
+    "epsilon_problems",
+    "plan_privacy",
+    "spent_epsilon",
+]
 
 ACCOUNTANTS = ("rdp", "prv")
 """Opacus accountants a run may choose: Renyi DP (the default) and the PRV accountant."""
@@ -58,10 +66,7 @@ def budget_problems(*, epsilon: float | None, delta: float, dataset_size: int | 
             guarantee allows publishing an example outright.
         accountant: the accountant's name.
     """
-    out = []
-    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
-        out.append(f"epsilon must be a finite number > 0, got {epsilon!r}; epsilon 0 means no "
-                   "information at all may be released, which no noise achieves")
+    out = [] if epsilon is None else epsilon_problems(epsilon)
     if not 0 < delta < 1:
         out.append(f"delta must lie in (0, 1), got {delta!r}; the usual choice is below 1/n, "
                    "e.g. 1e-5 for 60,000 examples")
@@ -73,6 +78,25 @@ def budget_problems(*, epsilon: float | None, delta: float, dataset_size: int | 
     if accountant not in ACCOUNTANTS:
         out.append(f"accountant {accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
     return out
+
+
+def epsilon_problems(epsilon: float) -> list[str]:
+    """The problem with a target epsilon, if any (it must be a finite number > 0)."""
+    if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) \
+            and math.isfinite(epsilon) and epsilon > 0:
+        return []
+    return [f"epsilon must be a finite number > 0, got {epsilon!r}; epsilon 0 means no "
+            "information at all may be released, which no noise achieves"]
+
+
+def clip_norm_problems(clip_norm: float, *, name: str = "clip_norm") -> list[str]:
+    """The problem with a clip norm, if any: it must be a finite number > 0, since the
+    noise is scaled by it (an infinite bound clips nothing and makes the noise infinite)."""
+    if isinstance(clip_norm, (int, float)) and not isinstance(clip_norm, bool) \
+            and math.isfinite(clip_norm) and clip_norm > 0:
+        return []
+    return [f"{name} must be a finite number > 0, got {clip_norm!r}; it bounds each "
+            "example's contribution and scales the noise, e.g. 1.0"]
 
 
 def _round_down(x: float) -> float:
@@ -128,8 +152,7 @@ def plan_privacy(*, delta: float, sample_rate: float, steps: int, clip_norm: flo
         problems.append(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         problems.append(f"steps must be an integer >= 1, got {steps!r}")
-    if not clip_norm > 0:
-        problems.append(f"clip_norm must be > 0, got {clip_norm!r}")
+    problems.extend(clip_norm_problems(clip_norm))
     if problems:
         raise PrivacyBudgetError(problems, source="privacy budget")
 

@@ -27,6 +27,7 @@ __all__ = [
     "ATTACKS",
     "MembershipSplit",
     "attack_metrics",
+    "best_threshold",
     "check_disjoint",
     "example_losses",
     "lira_offline_scores",
@@ -158,44 +159,102 @@ def roc_points(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, n
     return fpr, tpr
 
 
-def _point_metrics(scores: np.ndarray, is_member: np.ndarray,
+def _curve_metrics(scores: np.ndarray, is_member: np.ndarray,
                    fprs: Sequence[float]) -> dict[str, float]:
+    """AUC and TPR at each FPR: read off the ROC curve of all the given examples."""
     from sklearn.metrics import roc_auc_score
 
     fpr, tpr = roc_points(scores, is_member)
-    out = {"auc": float(roc_auc_score(is_member, scores)),
-           "balanced_accuracy": float(np.max(1 + tpr - fpr) / 2)}
+    out = {"auc": float(roc_auc_score(is_member, scores))}
     for limit in fprs:
         out[f"tpr_at_{limit:g}_fpr"] = float(tpr[fpr <= limit].max(initial=0.0))
     return out
 
 
+def best_threshold(scores: np.ndarray, is_member: np.ndarray) -> float:
+    """The threshold t of "member when score >= t" with the highest balanced accuracy on
+    these examples (the highest such t on ties; +inf, "nobody is a member", at worst)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(is_member, scores)
+    return float(thresholds[int(np.argmax(tpr - fpr))])
+
+
+def _balanced_accuracy(scores: np.ndarray, is_member: np.ndarray, threshold: float) -> float:
+    guess = scores >= threshold
+    return float((guess[is_member].mean() + (~guess[~is_member]).mean()) / 2)
+
+
+def _halves(index: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random split of `index` into two halves (the second gets the odd one out)."""
+    order = rng.permutation(index)
+    return order[:index.size // 2], order[index.size // 2:]
+
+
 def attack_metrics(scores: Tensor | np.ndarray, is_member: Tensor | np.ndarray, *,
                    fprs: Sequence[float] = (0.001, 0.01), bootstrap: int = 200,
                    confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
-    """AUC, best balanced accuracy and TPR at each FPR, with bootstrap intervals.
+    """AUC, held-out balanced accuracy and TPR at each FPR, with bootstrap intervals.
 
-    Members and non-members are resampled separately (with replacement) `bootstrap` times;
-    each interval is the central `confidence` percentile range. A TPR at an FPR below
-    1 / non-members is the TPR with no false positive at all; `fpr_resolution` says so.
+    AUC and the TPRs are read off the ROC curve of all members and non-members; for the
+    intervals, members and non-members are resampled separately (with replacement)
+    `bootstrap` times and each interval is the central `confidence` percentile range. A TPR
+    at an FPR below 1 / non-members is the TPR with no false positive at all;
+    `fpr_resolution` says so.
+
+    The balanced accuracy is not the best one over all thresholds, which on the same data is
+    biased upwards (above 0.5 even for scores that carry no signal). Members and
+    non-members are each split at random (by `seed`) into two halves: the threshold with the
+    best balanced accuracy on the first halves is fixed, and the balanced accuracy reported
+    is that threshold's on the second halves, whose bootstrap gives its interval.
+
+    Raises:
+        MembershipSplitError: fewer than 2 members or 2 non-members (each half needs one),
+            or `bootstrap` < 1.
     """
     scores = np.asarray(scores, dtype=np.float64)
     is_member = np.asarray(is_member).astype(bool)
-    point = _point_metrics(scores, is_member, fprs)
     members, non_members = np.flatnonzero(is_member), np.flatnonzero(~is_member)
+    problems = []
+    if members.size < 2 or non_members.size < 2:
+        problems.append(f"an audit needs at least 2 members and 2 non-members (the balanced "
+                        f"accuracy picks its threshold on one half of each and measures it on "
+                        f"the other), got {members.size} and {non_members.size}")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 1:
+        problems.append(f"bootstrap must be an integer >= 1, got {bootstrap!r}")
+    if problems:
+        raise MembershipSplitError(problems, source="attack metrics")
     rng = np.random.default_rng(seed)
+
+    # Threshold from the first halves; balanced accuracy on the second halves only.
+    fit_members, held_members = _halves(members, rng)
+    fit_non, held_non = _halves(non_members, rng)
+    fit = np.concatenate([fit_members, fit_non])
+    threshold = best_threshold(scores[fit], is_member[fit])
+    held = np.concatenate([held_members, held_non])
+
+    point = {**_curve_metrics(scores, is_member, fprs),
+             "balanced_accuracy": _balanced_accuracy(scores[held], is_member[held], threshold)}
     draws: dict[str, list[float]] = {k: [] for k in point}
     for _ in range(bootstrap):
         index = np.concatenate([rng.choice(members, members.size),
                                 rng.choice(non_members, non_members.size)])
-        for key, value in _point_metrics(scores[index], is_member[index], fprs).items():
+        for key, value in _curve_metrics(scores[index], is_member[index], fprs).items():
             draws[key].append(value)
+        index = np.concatenate([rng.choice(held_members, held_members.size),
+                                rng.choice(held_non, held_non.size)])
+        draws["balanced_accuracy"].append(
+            _balanced_accuracy(scores[index], is_member[index], threshold))
     tail = (1 - confidence) / 2 * 100
     out: dict[str, Any] = {}
     for key, value in point.items():
-        low, high = (np.percentile(draws[key], [tail, 100 - tail]) if bootstrap
-                     else (math.nan, math.nan))
+        low, high = np.percentile(draws[key], [tail, 100 - tail])
         out[key] = {"value": value, "ci_low": float(low), "ci_high": float(high)}
+    out["balanced_accuracy"].update(
+        threshold=threshold if math.isfinite(threshold) else None,  # inf: no one is in
+        threshold_members=int(fit_members.size),
+        threshold_non_members=int(fit_non.size), held_out_members=int(held_members.size),
+        held_out_non_members=int(held_non.size))
     out["members"] = int(members.size)
     out["non_members"] = int(non_members.size)
     out["fpr_resolution"] = 1 / max(1, non_members.size)

@@ -12,7 +12,11 @@ exactly what Opacus's accountant gives for `steps` releases.
 The per-class means divide the noisy sums by the expected per-class batch, q * n / classes:
 only n, the size of the private set, is treated as public, as Opacus does with the dataset
 size. The synthetic set starts from noise; starting it from real images would publish them
-without any accounting, so any other `init` is refused.
+without any accounting, so any other `init` is refused, by the config and again by the
+distiller itself (a config object built in code skips the config's checks). For the same
+reason an input space ZCA-whitened by a matrix fitted on the private images is refused; a
+per-channel mean and std are treated as public, and the privacy record says whether they are
+published constants or were fitted on the private data (see `inputs`).
 """
 
 from __future__ import annotations
@@ -36,8 +40,15 @@ from ddsuite.core.methods.gradient_matching import (
 )
 from ddsuite.core.synthetic import SyntheticSet
 
-from .accounting import ACCOUNTANTS, PrivacyPlan, budget_problems, plan_privacy, spent_epsilon
-from .errors import PrivacyBudgetError
+from .accounting import (
+    PrivacyPlan,
+    budget_problems,
+    clip_norm_problems,
+    plan_privacy,
+    spent_epsilon,
+)
+from .errors import PrivacyBudgetError, UnaccountedReleaseError
+from .inputs import input_space_problems, normalisation_record
 from .mechanism import clip_per_sample, noisy_class_sums, poisson_sample
 from .models import check_private_model
 
@@ -71,18 +82,22 @@ class PrivacyOptions:
                        "noise_multiplier (the epsilon is then reported)")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             out.append(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if not self.clip_norm > 0:
-            out.append(f"clip_norm must be > 0, got {self.clip_norm}")
+        out.extend(clip_norm_problems(self.clip_norm))
         if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
             out.append(f"sample_rate must lie in (0, 1], got {self.sample_rate}")
-        init = getattr(self, "init", "noise")
-        if init != "noise":
-            out.append(f"init {init!r} would start the synthetic set from real images (or a "
-                       "selection of them) and publish them without any privacy accounting; "
-                       "a private distiller starts from noise: set init: noise")
+        out.extend(init_problems(getattr(self, "init", "noise")))
         if getattr(self, "iterations", None) == 0:
             out.append("iterations must be >= 1 for a private distiller")
         return out
+
+
+def init_problems(init: str) -> list[str]:
+    """The problem with a private distiller's `init`, if any: only "noise" is allowed."""
+    if init == "noise":
+        return []
+    return [f"init {init!r} would start the synthetic set from real images (or a selection "
+            "of them) and publish them without any privacy accounting; a private distiller "
+            "starts from noise: set init: noise"]
 
 
 class _PrivateDistiller:
@@ -92,12 +107,18 @@ class _PrivateDistiller:
     queries_per_iteration: int = 1
 
     def _plan(self) -> PrivacyPlan:
+        """Check the config and the data (on every path: a config object built in code has
+        not been through `problems()`), then fix the noise."""
         config, train = self.config, self.train
         n = len(train)
-        problems = budget_problems(epsilon=config.epsilon, delta=config.delta, dataset_size=n,
-                                   accountant=config.accountant)
+        self._refuse_unaccounted()
+        problems = config.privacy_problems() + budget_problems(
+            epsilon=config.epsilon, delta=config.delta, dataset_size=n,
+            accountant=config.accountant)
         if problems:
-            raise PrivacyBudgetError(problems, source=f"{self.name} on {n} images")
+            raise PrivacyBudgetError(sorted(set(problems), key=problems.index),
+                                     source=f"{self.name} on {n} images")
+        self.normalisation = normalisation_record(self.splits, what=self.name)
         rate = config.sample_rate
         if rate is None:
             rate = min(1.0, config.batch_real * train.num_classes / n)
@@ -108,6 +129,18 @@ class _PrivateDistiller:
                             clip_norm=config.clip_norm, target_epsilon=config.epsilon,
                             noise_multiplier=config.noise_multiplier,
                             accountant=config.accountant, dataset_size=n)
+
+    def _refuse_unaccounted(self) -> None:
+        """Raise `UnaccountedReleaseError` for a real-image init or a ZCA input space."""
+        problems = [f"{self.name}: {p}" for p in init_problems(self.config.init)]
+        problems += input_space_problems(self.splits, what=self.name)
+        if problems:
+            raise UnaccountedReleaseError(problems, source=f"{self.name} on {len(self.train)} "
+                                                           "images")
+
+    def initialize(self, generator: torch.Generator) -> SyntheticSet:
+        self._refuse_unaccounted()  # the config may have been changed after construction
+        return super().initialize(generator)
 
     @property
     def noise_std(self) -> float:
@@ -131,7 +164,9 @@ class _PrivateDistiller:
                 "planned_steps": self.plan.steps, "dataset_size": len(self.train),
                 "expected_per_class": self.expected_per_class,
                 "adjacency": "add/remove one example",
-                "public": "n, the number of private examples"}
+                "public": "n, the number of private examples, and the input normalisation "
+                          "constants (mean, std), which are not accounted",
+                "normalisation": self.normalisation}
 
     def artifact_meta(self) -> dict[str, Any]:
         """Every artifact of a private run carries what it spent, however it was started."""
@@ -200,7 +235,8 @@ class PrivateDM(_PrivateDistiller, DistributionMatching):
         mean_syn = embed_syn.view(classes, ipc, -1).mean(dim=1)  # (classes, D)
         loss = ((mean_real - mean_syn) ** 2).sum()
         self.update_images(loss, iteration=iteration)
-        return {"loss": float(loss.detach()), "batch_real": float(len(labels))}
+        # The batch size itself is not noised, so it is never reported.
+        return {"loss": float(loss.detach())}
 
 
 @dataclass(kw_only=True)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ddsuite.core.models import build_model
 
-from .accounting import ACCOUNTANTS, budget_problems
+from .accounting import budget_problems, clip_norm_problems
 from .errors import PrivacyBudgetError
 from .models import check_private_model, fix_private_model
 
@@ -55,8 +55,7 @@ class DPSGDConfig:
             out.append(f"lr: must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             out.append(f"momentum: must be in [0, 1), got {self.momentum}")
-        if not self.clip_norm > 0:
-            out.append(f"clip_norm: must be > 0, got {self.clip_norm}")
+        out.extend(clip_norm_problems(self.clip_norm, name="clip_norm:"))
         return out
 
 
@@ -133,10 +132,15 @@ def train_dp_sgd(images: Tensor, labels: Tensor, *, model: str, num_classes: int
     for _ in range(config.epochs):
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
-            if len(y) == 0:  # an empty Poisson batch: the step still adds noise
-                optimizer.step()
-                continue
-            loss = F.cross_entropy(private(x), y)
+            # An empty Poisson batch (x of shape (0, C, H, W)) still goes through the
+            # wrapped model, as Opacus expects: its hooks then record per-sample gradients
+            # of zero rows, and the step adds the noise to a zero sum and counts the step.
+            # Summing keeps an empty batch's loss finite (a mean over nothing is NaN).
+            logits = private(x)  # (B, classes)
+            if len(y):
+                loss = F.cross_entropy(logits, y)
+            else:
+                loss = F.cross_entropy(logits, y, reduction="sum")
             loss.backward()
             optimizer.step()
     seconds = time.perf_counter() - start

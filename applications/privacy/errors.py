@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from ddsuite.core.errors import ConfigError
 
-__all__ = ["MembershipSplitError", "PrivacyBudgetError", "PrivateModelError"]
+__all__ = [
+    "MembershipSplitError",
+    "PrivacyBudgetError",
+    "PrivateModelError",
+    "UnaccountedReleaseError",
+]
 
 
 class PrivacyBudgetError(ConfigError):
@@ -22,3 +27,9 @@ class PrivateModelError(ConfigError):
 
 class MembershipSplitError(ConfigError):
     """Member and non-member sets that overlap, or that the data cannot supply."""
+
+
+class UnaccountedReleaseError(ConfigError):
+    """A setting through which the private data would reach the output outside the
+    accounted mechanism: a synthetic set started from real images, or inputs whitened by a
+    ZCA transform fitted on the private images."""

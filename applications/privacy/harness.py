@@ -22,7 +22,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from ddsuite.scenarios.registry import (
     scenario_name_problems,
 )
 
-from .accounting import ACCOUNTANTS, budget_problems, plan_privacy
+from .accounting import ACCOUNTANTS, budget_problems, epsilon_problems, plan_privacy
 from .audit import (
     ATTACKS,
     MembershipSplit,
@@ -60,6 +60,7 @@ from .audit import (
     roc_points,
 )
 from .dpsgd import DPSGDConfig, build_private_model, train_dp_sgd
+from .inputs import normalisation_record
 from .ledger import distill_private
 
 __all__ = ["AuditSpec", "PrivacyScenario", "TARGET_KINDS", "TrainSpec", "run_privacy"]
@@ -111,14 +112,15 @@ class AuditSpec:
     fprs: list[float] = field(default_factory=lambda: [0.001, 0.01])
     """False-positive rates at which the TPR is reported."""
     bootstrap: int = 200
-    """Bootstrap resamples for the confidence intervals."""
+    """Bootstrap resamples for the confidence intervals (>= 1)."""
 
     def problems(self) -> list[str]:
         out = []
         for name in ("members", "non_members"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                out.append(f"{name}: must be null or >= 1, got {value}")
+            if value is not None and value < 2:
+                out.append(f"{name}: must be null or >= 2 (the balanced accuracy picks its "
+                           f"threshold on one half and measures it on the other), got {value}")
         bad = [a for a in self.attacks if a not in ATTACKS]
         if not self.attacks or bad:
             out.append(f"attacks: expected a non-empty list of {', '.join(ATTACKS)}, got "
@@ -127,8 +129,9 @@ class AuditSpec:
             out.append(f"shadows: lira needs >= 1 shadow, got {self.shadows}")
         if any(not 0 < f < 1 for f in self.fprs):
             out.append(f"fprs: each must lie in (0, 1), got {self.fprs!r}")
-        if self.bootstrap < 0:
-            out.append(f"bootstrap: must be >= 0, got {self.bootstrap}")
+        if self.bootstrap < 1:
+            out.append(f"bootstrap: must be >= 1 (every metric is reported with a bootstrap "
+                       f"interval; 100 or more for usable intervals), got {self.bootstrap}")
         return out
 
 
@@ -169,9 +172,15 @@ class PrivacyScenario:
         if private and not self.epsilons:
             out.append("epsilons: private targets need at least one epsilon, e.g. [1, 10]")
         for eps in self.epsilons:
-            out.extend(f"epsilons: {p}" for p in budget_problems(epsilon=eps, delta=self.delta))
+            out.extend(f"epsilons: {p}" for p in epsilon_problems(eps))
+        out.extend(_duplicate_epsilons(self.epsilons))
+        out.extend(budget_problems(epsilon=None, delta=self.delta))
         if self.accountant not in ACCOUNTANTS:
             out.append(f"accountant: {self.accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+        if self.dataset.zca and private:
+            out.append("dataset.zca: the ZCA matrix would be fitted on the training split, "
+                       "which holds the private members, and released with no privacy "
+                       "accounting; private targets need dataset.zca: false")
         for key, method, options in (("distill", self.distill_method, self.distill_options),
                                      ("private", self.private_method, self.private_options)):
             if method not in list_methods():
@@ -185,10 +194,13 @@ class PrivacyScenario:
                 out.append(f"{key}_options: set {', '.join(sorted(reserved))} at the top level "
                            "of the scenario, not per method")
                 continue
+            config_cls = get_method(method).Config
             try:
-                config_from_dict(get_method(method).Config, self.method_config(key, 1.0))
+                config_from_dict(config_cls, self.method_config(key, 1.0))
             except ConfigError as exc:
-                out.extend(f"{key}_options.{p}" for p in exc.problems)
+                # delta and accountant come from the top level and are checked there
+                out.extend(_option_problem(key, config_cls, p) for p in exc.problems
+                           if not p.startswith(("delta", "accountant")))
         if "dp-distilled" in self.targets and self.private_method not in ("dp-dm", "dp-dc"):
             out.append(f"private_method: {self.private_method!r} is not private; use dp-dm or "
                        "dp-dc")
@@ -198,6 +210,20 @@ class PrivacyScenario:
             out.append(f"seed: expected an integer in 0..{2 ** 31 - 1}, got {self.seed!r}")
         out.extend(device_problems(self.device))
         return out
+
+    def description_lines(self) -> str:
+        """What this run does, from its resolved values (not the file's description, which
+        overrides may have made stale)."""
+        private = {"dp-distilled", "dp-sgd"} & set(self.targets)
+        eps = (f" at epsilon {', '.join(f'{e:g}' for e in self.epsilons)} (delta "
+               f"{self.delta:g}, {self.accountant} accountant)" if private else "")
+        methods = [f"{self.distill_method} for distilled"] if "distilled" in self.targets else []
+        if "dp-distilled" in self.targets:
+            methods.append(f"{self.private_method} for dp-distilled")
+        via = f" ({'; '.join(methods)})" if methods else ""
+        return (f"Targets {', '.join(self.targets)}{via} on {self.dataset.name}{eps}, "
+                f"audited by {', '.join(self.audit.attacks)} with "
+                f"{self.audit.shadows} shadow(s) per target.")
 
     def method_config(self, key: str, epsilon: float) -> dict[str, Any]:
         """The options of the non-private ("distill") or private ("private") method."""
@@ -217,6 +243,29 @@ class PrivacyScenario:
             else:
                 out.extend((f"{kind}@{eps:g}", kind, eps) for eps in self.epsilons)
         return out
+
+
+def _duplicate_epsilons(epsilons: list[float]) -> list[str]:
+    """Epsilons whose target labels (formatted with :g) coincide; each label names a
+    report entry and a folder, so they must differ."""
+    labels: dict[str, list[Any]] = {}
+    for eps in epsilons:
+        try:
+            labels.setdefault(f"{eps:g}", []).append(eps)
+        except (TypeError, ValueError):
+            continue  # reported as a malformed epsilon
+    return [f"epsilons: {', '.join(map(repr, values))} are the same target (each labelled "
+            f"@{label}); give each epsilon once, with values that differ in their first six "
+            "significant digits" for label, values in labels.items() if len(values) > 1]
+
+
+def _option_problem(key: str, config_cls: type, problem: str) -> str:
+    """`private_options.clip_norm must ...` when the problem starts with an option's name,
+    `private_options: give exactly one ...` otherwise."""
+    head = problem.split(":", 1)[0].split(" ", 1)[0]
+    if head in {f.name for f in fields(config_cls)}:
+        return f"{key}_options.{problem}"
+    return f"{key}_options: {problem}"
 
 
 # -- data subsets --------------------------------------------------------------------------
@@ -265,7 +314,9 @@ def _run_pipeline(scenario: PrivacyScenario, kind: str, epsilon: float | None,
         def forward(x: Tensor) -> Tensor:
             return model(x)
 
-        return Trained(forward, result.privacy, time.perf_counter() - start)
+        privacy = {**result.privacy,
+                   "normalisation": normalisation_record(data, what="dp-sgd")}
+        return Trained(forward, privacy, time.perf_counter() - start)
     if kind == "real":
         images, labels = data.train.images, data.train.labels
     elif kind == "distilled":
@@ -319,7 +370,8 @@ def run_privacy(scenario: PrivacyScenario, *, out_dir: Path, device: str | None 
     with scenario_status(out_dir, scenario.name):
         write_text(out_dir / "scenario.yaml",
                    yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
-        return _run_all(scenario, splits, split, out_dir, device_)
+        return _run_all(scenario, splits, split, out_dir, device_,
+                        resolved=resolved or asdict(scenario))
 
 
 def _membership(scenario: PrivacyScenario, splits: DatasetSplits) -> MembershipSplit:
@@ -360,7 +412,8 @@ def _precheck(scenario: PrivacyScenario, splits: DatasetSplits, split: Membershi
                              clip_norm=scenario.dp_sgd.clip_norm, target_epsilon=eps,
                              accountant=scenario.accountant, dataset_size=n)
         except ConfigError as exc:
-            problems.extend(f"{label}: {p}" for p in exc.problems)
+            problems.extend(p if p.startswith(f"{label}:") else f"{label}: {p}"
+                            for p in exc.problems)
     if problems:
         raise ConfigError(problems, source=f"scenario {scenario.name}")
 
@@ -370,7 +423,7 @@ def _seed(base: int, target: int, shadow: int) -> int:
 
 
 def _run_all(scenario: PrivacyScenario, splits: DatasetSplits, split: MembershipSplit,
-             out_dir: Path, device: torch.device) -> str:
+             out_dir: Path, device: torch.device, *, resolved: dict[str, Any]) -> str:
     audit = scenario.audit
     members = subset_splits(splits, split.members, tag="members")
     audit_index = torch.cat([split.members, split.non_members])
@@ -426,6 +479,7 @@ def _run_all(scenario: PrivacyScenario, splits: DatasetSplits, split: Membership
     metrics = {
         "scenario": scenario.name,
         "created": timestamp(),
+        "config": resolved,
         "dataset": splits.identity.to_dict(),
         "input_space": splits.input_space.to_dict(),
         "model": scenario.model,
@@ -464,7 +518,7 @@ def _summary(scenario: PrivacyScenario, splits: DatasetSplits, split: Membership
                          _ci(m["auc"], 1.0, 3), _ci(m["balanced_accuracy"])]
                         + [_ci(m[f"tpr_at_{f:g}_fpr"], 100.0, 2) for f in fprs])
     headers = (["target", "test acc (%)", "epsilon spent", "attack", "AUC [95% CI]",
-                "balanced acc (%)"] + [f"TPR @ {100 * f:g}% FPR (%)" for f in fprs])
+                "held-out balanced acc (%)"] + [f"TPR @ {100 * f:g}% FPR (%)" for f in fprs])
     privacy_rows = []
     for label, entry in results.items():
         p = entry["privacy"]
@@ -474,13 +528,17 @@ def _summary(scenario: PrivacyScenario, splits: DatasetSplits, split: Membership
                                  f"{p['clip_norm']:g}", f"{p['sample_rate']:.4g}",
                                  str(p["steps"])])
     parts = [
-        f"# {scenario.name}\n\n{scenario.description.strip()}\n",
+        f"# {scenario.name}\n\n{scenario.description_lines()}\n",
         f"{splits.identity.name}: {len(split.members)} members, {len(split.non_members)} "
         f"non-members, shadow pool {len(split.shadow_pool)} (disjoint; indices in "
         f"metrics.json). Targets and shadows: {scenario.model}; synthetic sets of "
         f"{scenario.ipc} images per class. Offline LiRA with {scenario.audit.shadows} "
         f"shadow(s) per target. Intervals: {scenario.audit.bootstrap} bootstrap resamples. "
-        f"TPR at an FPR below 1/{len(split.non_members)} is the TPR with no false positive.\n",
+        f"TPR at an FPR below 1/{len(split.non_members)} is the TPR with no false positive. "
+        "The balanced accuracy is held out: its threshold is chosen on a random half of the "
+        "members and non-members and the accuracy is measured (and bootstrapped) on the "
+        "other half. The input normalisation constants are treated as public (see each "
+        "privacy record's `normalisation`).\n",
         markdown_table(headers, rows),
     ]
     if privacy_rows:
