@@ -38,7 +38,7 @@ from ..augment import DiffAugment, dataset_key, strategy_for_dataset
 from ..errors import ConfigError
 from ..evaluation import EvaluationProtocol
 from ..synthetic import SyntheticSet
-from ..synthetic.decode import factor_problems, partition_expand, real_mosaics
+from ..synthetic.decode import partition_expand
 from .base import register_method
 from .config import MethodConfig, option
 from .gradient_matching import (
@@ -47,6 +47,7 @@ from .gradient_matching import (
     freeze_batchnorm,
     gradient_distance,
 )
+from .multiformation import MultiFormation
 
 __all__ = ["IDC", "IDCConfig"]
 
@@ -137,7 +138,7 @@ def _matched(grads: dict[str, Tensor], *, classifier: bool) -> dict[str, Tensor]
 
 
 @register_method
-class IDC(GradientMatchingBase):
+class IDC(MultiFormation, GradientMatchingBase):
     name = "idc"
     family = "parameterised sets"
     summary = ("multi-formation mosaics matched by gradients of networks trained on real "
@@ -146,25 +147,9 @@ class IDC(GradientMatchingBase):
 
     def __init__(self, config: IDCConfig, **kwargs):
         super().__init__(config, **kwargs)
-        problems = factor_problems(config.factor, self.train.image_shape)
-        if problems:
-            raise ConfigError(problems, source="idc config")
+        self.check_factor()
         strategy = config.augmentation or "none"
         self.augment = DiffAugment(strategy, mode="multiple") if strategy != "none" else None
-
-    def initial_images(self, init: str, generator: torch.Generator) -> Tensor:
-        """With ``init: real`` and factor > 1, mosaics of downscaled real images."""
-        factor = self.config.factor
-        if init != "real" or factor == 1:
-            return super().initial_images(init, generator)
-        return real_mosaics(self.train, self.config.ipc, factor, generator).to(self.device)
-
-    def initialize(self, generator: torch.Generator) -> SyntheticSet:
-        """The starting set; with factor > 1 it decodes by partition and expansion."""
-        syn = super().initialize(generator)
-        if self.config.factor > 1:
-            syn.decode = {"kind": "partition-expand", "factor": self.config.factor}
-        return syn
 
     def _decoded_batch(self, syn: SyntheticSet, generator: torch.Generator) -> Tensor:
         """(classes, m, C, H, W): each class's decoded images, at most batch_syn_max of them

@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..augment import DiffAugment, strategy_for_dataset
-from ..errors import ConfigError
 from ..evaluation import EvaluationProtocol
 from ..synthetic import SyntheticSet
-from ..synthetic.decode import factor_problems, partition_compose, partition_expand, real_mosaics
+from ..synthetic.decode import partition_compose, partition_expand
 from .base import Distiller, register_method
 from .config import MethodConfig, interpolate_anchors, option
+from .multiformation import MultiFormation
 
 __all__ = ["IDM", "IDMConfig", "partition_compose", "partition_expand"]
 
@@ -152,7 +152,7 @@ class PoolEntry:
 
 
 @register_method
-class IDM(Distiller):
+class IDM(MultiFormation, Distiller):
     name = "idm"
     family = "distribution matching"
     summary = ("DM through a pool of partially trained networks, with partitioned images "
@@ -161,21 +161,10 @@ class IDM(Distiller):
 
     def __init__(self, config: IDMConfig, **kwargs):
         super().__init__(config, **kwargs)
-        problems = factor_problems(config.factor, self.train.image_shape)
-        if problems:
-            raise ConfigError(problems, source="idm config")
+        self.check_factor()
         strategy = config.augmentation or "none"
         self.augment = DiffAugment(strategy) if strategy != "none" else None
         self.pool: list[PoolEntry | None] = [None] * config.pool_size
-
-    # -- the synthetic set -----------------------------------------------------------------
-
-    def initial_images(self, init: str, generator: torch.Generator) -> Tensor:
-        """With ``init: real`` and factor > 1, mosaics of downscaled real images."""
-        factor = self.config.factor
-        if init != "real" or factor == 1:
-            return super().initial_images(init, generator)
-        return real_mosaics(self.train, self.config.ipc, factor, generator).to(self.device)
 
     # -- the model pool --------------------------------------------------------------------
 
@@ -288,13 +277,6 @@ class IDM(Distiller):
             entry.steps, entry.correct, entry.seen = (
                 int(saved["steps"]), int(saved["correct"]), int(saved["seen"]))
             self.pool[int(saved["slot"])] = entry
-
-    def initialize(self, generator: torch.Generator) -> SyntheticSet:
-        """The starting set; with factor > 1 it decodes by partition and expansion."""
-        syn = super().initialize(generator)
-        if self.config.factor > 1:
-            syn.decode = {"kind": "partition-expand", "factor": self.config.factor}
-        return syn
 
     @classmethod
     def eval_protocol(cls, config: MethodConfig) -> EvaluationProtocol:
