@@ -180,13 +180,25 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         provenance = {
             "method": args.method, "config": result.config.to_dict(), "seed": args.seed,
             "dataset": splits.identity.to_dict(), "input_space": splits.input_space.to_dict(),
-            "distill_seconds": result.seconds, "artifact": str(out),
+            "distill_seconds": result.seconds, "artifact": str(out), **result.meta,
         }
         _write_evaluation_report(out, result.metrics["evaluation"], provenance=provenance)
         for model, score in result.metrics["evaluation"]["scores"].items():
             print(f"  {model}: {format_mean_std(score['mean'], score['std'], 2)} % "
                   f"({len(score['accuracies'])} networks)")
     return 0
+
+
+_PROVENANCE_KEYS = ("method", "config", "seed", "dataset", "input_space", "distill_seconds",
+                    "artifact")
+
+
+def _brief(value) -> str:
+    """A one-line view of extra provenance (a private run's budget, say): its scalar fields."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in value.items() if isinstance(v, (int, float, str)))
+    return str(value)
 
 
 def _write_evaluation_report(folder: Path, evaluation: dict, *, provenance: dict) -> None:
@@ -208,7 +220,10 @@ def _write_evaluation_report(folder: Path, evaluation: dict, *, provenance: dict
         f"- protocol {protocol['name']}: {protocol['resolved_epochs']} epochs, "
         f"lr {protocol['lr']}, batch {protocol['batch_size']}, augmentation "
         f"{protocol['augmentation']}, labels {evaluation['labels']}, seed {evaluation['seed']}\n"
-        f"- created {evaluation['created']}; {versions}\n\n"
+        f"- created {evaluation['created']}; {versions}\n"
+        + "".join(f"- {key}: {_brief(provenance[key])}\n" for key in provenance
+                  if key not in _PROVENANCE_KEYS)
+        + "\n"
         "Test accuracy (%) after the final epoch, mean ± std over networks:\n\n"
         + markdown_table(["model", "accuracy", "networks"], rows) + "\n"
     )

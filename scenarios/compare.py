@@ -112,7 +112,7 @@ def run_compare(scenario: CompareScenario, *, out_dir: Path, device: str | None 
                           num_classes=splits.train.num_classes)
     for ipc in scenario.ipc:
         splits.train.check_ipc(ipc)
-    prepare_out_dir(out_dir, resume=False, overwrite=overwrite)
+    prepare_out_dir(out_dir, resume=False, overwrite=overwrite, can_resume=False)
     write_text(out_dir / "scenario.yaml",
                yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
 

@@ -365,6 +365,7 @@ def test_run_overwrite_replaces_its_own_report(capsys, tmp_path):
     assert run_main(capsys, argv)[0] == 0
     code, _, err = run_main(capsys, argv)
     assert code == 2 and "--overwrite" in err
+    assert "--resume" not in err  # `ddsuite run` has no --resume to suggest
     code, _, err = run_main(capsys, [*argv, "--overwrite"])
     assert code == 0, err
     assert (out / "summary.md").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -547,3 +548,21 @@ def test_readme_privacy_example_runs(tmp_path, monkeypatch):
     assert privacy["steps"] == 100 and privacy["accountant"] == "rdp"
     assert 0.9 < privacy["epsilon"] <= 1.0
     assert privacy["noise_multiplier"] > 1.0
+
+
+def test_cli_distill_of_a_private_method_reports_its_budget(tmp_path, caplog):
+    """`ddsuite distill --method dp-dm` puts the spent budget in metrics.json and summary.md,
+    and warns when the epsilon is too large to mean anything."""
+    from ddsuite.cli.main import main
+
+    out = tmp_path / "set"
+    argv = ["distill", "--dataset", "digits", "--method", "dp-dm", "--ipc", "1",
+            "--iterations", "2", "--out", str(out), "--set", f"model={MODEL}",
+            "--set", "epsilon=null", "--set", "noise_multiplier=0.01",
+            "--num-eval", "1", "--eval-epochs", "2", "--eval-augmentation", "none"]
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["privacy"]["steps"] == 2 and metrics["privacy"]["epsilon"] > 50
+    assert "privacy: accountant rdp" in (out / "summary.md").read_text()
+    assert "practically no protection" in caplog.text

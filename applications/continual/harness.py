@@ -329,7 +329,7 @@ def run_continual(scenario: ContinualScenario, *, out_dir: Path, device: str | N
                           download=spec.download)
     # Everything checkable is checked before the report folder exists.
     _precheck(scenario, splits, device_)
-    prepare_out_dir(out_dir, resume=False, overwrite=overwrite)
+    prepare_out_dir(out_dir, resume=False, overwrite=overwrite, can_resume=False)
     with scenario_status(out_dir, scenario.name):
         write_text(out_dir / "scenario.yaml",
                    yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))

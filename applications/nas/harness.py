@@ -295,7 +295,7 @@ def run_nas_proxy(scenario: NasProxyScenario, *, out_dir: Path, device: str | No
         search_splits.train.check_ipc(gt_spec.images_per_class)
         subset = _class_subset(search_splits.train.labels, gt_spec.images_per_class,
                                seed=scenario.seed)
-    prepare_out_dir(out_dir, resume=False, overwrite=overwrite)
+    prepare_out_dir(out_dir, resume=False, overwrite=overwrite, can_resume=False)
     write_text(out_dir / "scenario.yaml",
                yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
 

@@ -100,6 +100,17 @@ def init_problems(init: str) -> list[str]:
             "starts from noise: set init: noise"]
 
 
+# Above this epsilon the guarantee says practically nothing (e^50 bounds the odds ratio).
+MEANINGLESS_EPSILON = 50.0
+
+
+def _warn_if_meaningless(name: str, epsilon: float) -> None:
+    if epsilon > MEANINGLESS_EPSILON:
+        logger.warning("%s spends epsilon %.4g: above %g the guarantee gives practically no "
+                       "protection; raise the noise or lower the steps", name, epsilon,
+                       MEANINGLESS_EPSILON)
+
+
 class _PrivateDistiller:
     """Mixin: the privacy plan, the query counter, and the ledger of what was spent."""
 
@@ -206,6 +217,7 @@ class PrivateDM(_PrivateDistiller, DistributionMatching):
         super().__init__(config, **kwargs)
         self.queries = 0
         self.plan = self._plan()
+        _warn_if_meaningless(self.name, self.plan.epsilon)
 
     def step(self, syn: SyntheticSet, *, iteration: int,
              generator: torch.Generator) -> dict[str, float]:
@@ -280,6 +292,7 @@ class PrivateDC(_PrivateDistiller, GradientMatchingBase):
         self.queries = 0
         self.queries_per_iteration = config.outer_loop
         self.plan = self._plan()
+        _warn_if_meaningless(self.name, self.plan.epsilon)
 
     def _noisy_class_gradients(self, net: nn.Module, real: Tensor, labels: Tensor,
                                generator: torch.Generator) -> dict[str, Tensor]:

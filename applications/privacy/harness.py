@@ -366,7 +366,7 @@ def run_privacy(scenario: PrivacyScenario, *, out_dir: Path, device: str | None 
                           download=spec.download)
     split = _membership(scenario, splits)
     _precheck(scenario, splits, split, device_)
-    prepare_out_dir(out_dir, resume=False, overwrite=overwrite)
+    prepare_out_dir(out_dir, resume=False, overwrite=overwrite, can_resume=False)
     with scenario_status(out_dir, scenario.name):
         write_text(out_dir / "scenario.yaml",
                    yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))

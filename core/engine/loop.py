@@ -77,6 +77,8 @@ class DistillResult:
     metrics: dict[str, Any]
     seconds: float
     out_dir: Path | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    """The distiller's own artifact metadata (a private run's spent budget)."""
 
 
 def _iteration_seed(seed: int, iteration: int) -> int:
@@ -158,8 +160,12 @@ def scenario_status(out_dir: Path, scenario: str):
         write_json(out_dir / RUN_FILE, {**record, "status": "finished", "ended": timestamp()})
 
 
-def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool,
+                    can_resume: bool = True) -> None:
     """Create `out_dir`, or refuse an existing one unless resuming or overwriting a run.
+
+    `can_resume` False (scenario reports, which cannot be resumed) leaves --resume out of the
+    advice given for an existing folder.
 
     `overwrite` only replaces a folder that ddsuite wrote and that holds nothing else: a
     folder with any file or subfolder ddsuite does not write is refused with their names.
@@ -180,9 +186,10 @@ def prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
         if resume:
             return
         if not overwrite:
+            advice = "--resume to continue the run in it, " if can_resume else ""
             raise ConfigError([
-                f"output folder {out_dir} already exists; pass --resume to continue the run "
-                "in it, --overwrite to replace it, or choose another --out"
+                f"output folder {out_dir} already exists; pass {advice}--overwrite to "
+                "replace it, or choose another --out"
             ])
         foreign = _foreign_entries(out_dir)
         if foreign:
@@ -457,6 +464,7 @@ def distill(
         seconds = ctx.metrics["distill_seconds"]
         syn = ctx.syn
         protocol = distiller.final_protocol(syn, protocol)
+        meta = distiller.artifact_meta()
         if out is not None:
             save_artifact(
                 out, syn.tensors(), method=method, config=config.to_dict(), seed=seed,
@@ -464,9 +472,9 @@ def distill(
                 protocol=protocol.to_dict(), metrics=ctx.metrics, decode=syn.decode,
                 extra={"family": distiller.family, "iterations": ctx.iterations,
                        "run_key": key, "history": ctx.history, **(extra_meta or {}),
-                       **distiller.artifact_meta()},
+                       **meta},
             )
             _write_status(out, key, protocol, ctx.iterations, "finished", seconds=seconds)
             (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return DistillResult(syn=syn, config=config, protocol=protocol, history=ctx.history,
-                         metrics=ctx.metrics, seconds=seconds, out_dir=out)
+                         metrics=ctx.metrics, seconds=seconds, out_dir=out, meta=meta)
