@@ -193,6 +193,23 @@ def test_bad_payloads_are_rejected_by_client_and_the_round_carries_on(federation
     assert re.search(r"rejected the reply of client 2 .*shape", caplog.text)
     assert all(torch.isfinite(t).all() for t in history.state.values())
     assert history.final_accuracy > history.initial_accuracy  # trained on client 0's set
+    assert record.missing == []
+
+
+def test_a_client_that_sends_nothing_is_recorded_as_missing(federation, caplog):
+    splits, _, clients = federation
+    method = FederatedMethod(kind="oneshot", ipc=4, distill=CHEAP_DM, server=SERVER)
+    inner = InProcessExchange(method, clients, model=MODEL, seed=0, device="cpu")
+
+    def drop_client_1(round_, state):
+        return [r for r in inner(round_, state) if r.client != 1]
+
+    with caplog.at_level(logging.WARNING, logger="ddsuite.applications.federated"):
+        history = _run(method, splits, clients, drop_client_1)
+    assert history.rounds[0].missing == [1]
+    assert history.rounds[0].accepted == [0, 2]
+    assert "no reply from client(s) [1]" in caplog.text
+    assert history.to_dict()["rounds"][0]["missing"] == [1]
 
 
 def test_a_round_with_nothing_usable_keeps_the_global_model(federation, caplog):
@@ -226,6 +243,26 @@ def test_payload_checks_name_class_count_and_soft_labels():
     assert "labels_soft has shape (4, 7)" in payload_problems(
         soft, image_shape=(1, 8, 8), num_classes=10)[0]
     assert good.num_bytes == tensor_bytes(good.tensors()) == 4 * 64 * 4 + 4 * 8
+
+
+def test_payloads_of_the_wrong_dtype_are_rejected_not_trained_on(federation):
+    """A node sending float64 images or int32 labels would crash the server's training."""
+    splits, _, clients = federation
+    method = FederatedMethod(kind="oneshot", ipc=4, distill=CHEAP_DM, server=SERVER)
+    inner = InProcessExchange(method, clients, model=MODEL, seed=0, device="cpu")
+
+    def doubled(p: Payload) -> Payload:
+        return Payload(client=p.client, images_syn=p.images_syn.double(),
+                       labels_syn=p.labels_syn)
+
+    def int32_labels(p: Payload) -> Payload:
+        return Payload(client=p.client, images_syn=p.images_syn,
+                       labels_syn=p.labels_syn.int())
+
+    history = _run(method, splits, clients, Corrupting(inner, {1: doubled, 2: int32_labels}))
+    record = history.rounds[0]
+    assert record.accepted == [0]
+    assert "float32" in record.rejected[1][0] and "int64" in record.rejected[2][0]
 
 
 # -- both engines ----------------------------------------------------------------------------
@@ -348,3 +385,24 @@ def test_readme_federated_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert blocks, "the README's federated section has no python example"
     exec(compile(blocks[0], "README.md:federated", "exec"), {})
+
+
+def test_a_private_distiller_is_refused_until_client_privacy_is_accounted():
+    problems = FederatedMethod(kind="multiround", rounds=2, distiller="dp-dm",
+                               distill={"epsilon": 1.0}).problems()
+    assert any("private distiller" in p and "dp-dm" in p for p in problems)
+
+
+def test_a_one_shot_upload_of_nothing_is_reported_not_compared():
+    from ddsuite.applications.federated.harness import FederatedScenario, _comparison
+
+    scenario = FederatedScenario(name="t", methods=[FederatedMethod(kind="oneshot"),
+                                                    FederatedMethod(kind="fedavg", rounds=2)])
+    by_method = {
+        "oneshot": {"final_accuracy": {"mean": 0.1}, "total_bytes": {"mean": 0.0}},
+        "fedavg": {"final_accuracy": {"mean": 0.9}, "total_bytes": {"mean": 1e6},
+                   "accuracy_per_round": [0.5, 0.9], "cumulative_bytes": [5e5, 1e6]},
+    }
+    text = _comparison(scenario, by_method)
+    assert "uploaded nothing" in text
+    assert "of fedavg's accuracy" not in text

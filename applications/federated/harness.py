@@ -217,7 +217,7 @@ def run_federated(scenario: FederatedScenario, *, out_dir: Path, device: str | N
                           download=spec.download)
     # Everything checkable is checked before the report folder exists.
     _precheck(scenario, splits)
-    prepare_out_dir(out_dir, resume=False, overwrite=overwrite)
+    prepare_out_dir(out_dir, resume=False, overwrite=overwrite, can_resume=False)
     with scenario_status(out_dir, scenario.name):
         write_text(out_dir / "scenario.yaml",
                    yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
@@ -326,6 +326,11 @@ def _comparison(scenario: FederatedScenario, by_method: dict[str, Any]) -> str:
     for o in oneshot:
         a_o = by_method[o]["final_accuracy"]["mean"]
         b_o = by_method[o]["total_bytes"]["mean"]
+        if b_o == 0:
+            lines.append(f"{o} uploaded nothing: every client skipped every class (each has "
+                         f"fewer images than ipc), so the global model stayed untrained and "
+                         f"there is no comparison to make; lower ipc.")
+            continue
         for f in fedavg:
             a_f = by_method[f]["final_accuracy"]["mean"]
             b_f = by_method[f]["total_bytes"]["mean"]

@@ -84,7 +84,7 @@ def partition_problems(*, num_samples: int, num_clients: int, scheme: str,
                    f"training set of {num_samples}; use at most {num_samples} clients")
     if min_size < 1:
         out.append(f"min_size: every client needs data; must be >= 1, got {min_size}")
-    elif min_size * num_clients > num_samples:
+    elif min_size * num_clients > num_samples and num_clients <= num_samples:
         out.append(f"min_size: {num_clients} clients of at least {min_size} samples need "
                    f"{min_size * num_clients}, the training set has {num_samples}; lower "
                    f"min_size to at most {num_samples // num_clients}")

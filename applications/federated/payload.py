@@ -78,12 +78,15 @@ def payload_problems(payload: Payload, *, image_shape: tuple[int, ...],
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(image_shape):
         out.append(f"images_syn has shape {tuple(images.shape)}, expected "
                    f"(n, {', '.join(map(str, image_shape))})")
-    elif not images.is_floating_point() or not torch.isfinite(images).all():
-        out.append("images_syn holds non-finite or non-float values")
+    elif images.dtype != torch.float32:
+        out.append(f"images_syn must be float32 (what the global model takes), got "
+                   f"{images.dtype}")
+    elif not torch.isfinite(images).all():
+        out.append("images_syn holds non-finite values")
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         out.append(f"labels_syn has shape {tuple(labels.shape)}, expected ({images.shape[0]},)")
-    elif labels.is_floating_point() or labels.dtype == torch.bool:
-        out.append(f"labels_syn must be integers, got {labels.dtype}")
+    elif labels.dtype != torch.int64:
+        out.append(f"labels_syn must be int64 class indices, got {labels.dtype}")
     elif labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
         out.append(f"labels_syn span {int(labels.min())}..{int(labels.max())}, outside the "
                    f"{num_classes} classes 0..{num_classes - 1}")
@@ -91,8 +94,10 @@ def payload_problems(payload: Payload, *, image_shape: tuple[int, ...],
         if tuple(soft.shape) != (images.shape[0], num_classes):
             out.append(f"labels_soft has shape {tuple(soft.shape)}, expected "
                        f"({images.shape[0]}, {num_classes})")
-        elif not soft.is_floating_point() or not torch.isfinite(soft).all():
-            out.append("labels_soft holds non-finite or non-float values")
+        elif soft.dtype != torch.float32:
+            out.append(f"labels_soft must be float32, got {soft.dtype}")
+        elif not torch.isfinite(soft).all():
+            out.append("labels_soft holds non-finite values")
     return out
 
 
@@ -109,6 +114,8 @@ def update_problems(update: ModelUpdate, *, reference: Mapping[str, Tensor]) -> 
         value = update.state[key]
         if value.shape != ref.shape:
             out.append(f"{key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        elif value.dtype != ref.dtype:
+            out.append(f"{key} has dtype {value.dtype}, expected {ref.dtype}")
         elif value.is_floating_point() and not torch.isfinite(value).all():
             out.append(f"{key} holds non-finite values")
     if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) \

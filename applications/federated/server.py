@@ -55,6 +55,8 @@ class RoundRecord:
     rejected: dict[int, list[str]]
     seconds: float
     client_info: dict[int, dict[str, Any]] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)
+    """Clients that sent no reply at all (a Flower node that failed, say)."""
 
 
 @dataclass
@@ -195,6 +197,11 @@ def run_federation(method: FederatedMethod, *, exchange: Exchange, splits, model
         replies = exchange(round_, sent)
         bytes_down = state_bytes(state) * num_clients if broadcasts else 0
         bytes_up = sum(r.num_bytes for r in replies)
+        missing = sorted(set(range(num_clients))
+                         - {getattr(r, "client", None) for r in replies})
+        if missing:
+            logger.warning("round %d of %s: no reply from client(s) %s; the round carries on "
+                           "without them", round_, method.name, missing)
         accepted, rejected = accepted_replies(
             replies, method=method, image_shape=image_shape, num_classes=num_classes,
             reference=state, round_=round_)
@@ -215,7 +222,8 @@ def run_federation(method: FederatedMethod, *, exchange: Exchange, splits, model
             bytes_up=bytes_up, bytes_down=bytes_down,
             accepted=sorted(r.client for r in accepted), rejected=rejected,
             seconds=time.perf_counter() - start,
-            client_info={r.client: dict(r.info) for r in replies if hasattr(r, "client")})
+            client_info={r.client: dict(r.info) for r in replies if hasattr(r, "client")},
+            missing=missing)
         rounds.append(record)
         logger.info("%s round %d/%d: accuracy %.2f%%, %d bytes up, %d bytes down",
                     method.name, round_, method.rounds, 100 * record.accuracy, bytes_up,

@@ -88,6 +88,11 @@ class FederatedMethod:
             return [f"ipc: must be >= 1, got {self.ipc}"]
         if "ipc" in self.distill:
             return ["distill.ipc: set ipc beside distiller, not inside distill"]
+        if hasattr(get_method(self.distiller), "privacy_record"):
+            return [f"distiller: {self.distiller!r} is a private distiller, and a federation "
+                    "does not yet compose each client's privacy over its uploads or record "
+                    "it, so its guarantee would go unreported; use a non-private distiller "
+                    f"({', '.join(m for m in list_methods() if m in ('dm', 'dc', 'idm'))}, ...)"]
         try:
             config_from_dict(get_method(self.distiller).Config, self.distill_options(None))
         except ConfigError as exc:
