@@ -566,3 +566,8 @@ def test_cli_distill_of_a_private_method_reports_its_budget(tmp_path, caplog):
     assert metrics["privacy"]["steps"] == 2 and metrics["privacy"]["epsilon"] > 50
     assert "privacy: accountant rdp" in (out / "summary.md").read_text()
     assert "practically no protection" in caplog.text
+
+
+def test_dp_dm_defaults_to_an_image_lr_suited_to_clipped_embeddings():
+    assert DPDMConfig().resolve(dataset="mnist").lr_images == 100.0
+    assert DPDMConfig(lr_images=2.0).resolve(dataset="mnist").lr_images == 2.0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -193,8 +193,15 @@ class _PrivateDistiller:
 
 @dataclass(kw_only=True)
 class DPDMConfig(DMConfig, PrivacyOptions):
-    """DP-DM: DM's objective on clipped, noised class sums; 1,000 iterations by default (a
-    ddsuite choice: every iteration spends budget, unlike DM's 20,000)."""
+    """DP-DM: DM's objective on clipped, noised class sums. ddsuite's defaults: 1,000
+    iterations (every iteration spends budget, unlike DM's 20,000) and image lr 100, because
+    clipped embeddings (norm <= clip_norm) give far smaller gradients than DM's raw ones.
+    Measured on digits (IPC 10, 200 iterations, ConvNet width 32, 2 networks x 100 epochs):
+    lr 1 / 100 / 1000 give 22 / 78 / 78 % at epsilon 10; lr 100 / 1000 give 40 / 37 % at
+    epsilon 1."""
+
+    # DM's default lr 1.0 barely moves a noise start through clipped embeddings.
+    DEFAULT_LR_IMAGES: ClassVar[float] = 100.0
 
     init: str = option("noise", "initial images: noise only (real images would leak)")
 
@@ -202,7 +209,9 @@ class DPDMConfig(DMConfig, PrivacyOptions):
         return super().problems() + self.privacy_problems()
 
     def resolve(self, *, dataset: str) -> "DPDMConfig":
-        base = replace(self, iterations=1000 if self.iterations is None else self.iterations)
+        base = replace(self, iterations=1000 if self.iterations is None else self.iterations,
+                       lr_images=(self.DEFAULT_LR_IMAGES if self.lr_images is None
+                                  else self.lr_images))
         return DMConfig.resolve(base, dataset=dataset)
 
 
