@@ -16,7 +16,8 @@ import yaml
 from ddsuite.core.atomic import write_json, write_text
 from ddsuite.core.data import list_datasets, load_dataset
 from ddsuite.core.device import device_problems, resolve_device
-from ddsuite.core.engine import FinalEvaluation, ImageGrid, ProgressBar, distill, prepare_out_dir
+from ddsuite.core.engine import (FinalEvaluation, ImageGrid, ProgressBar, distill,
+                                  prepare_out_dir, scenario_status)
 from ddsuite.core.errors import ConfigError
 from ddsuite.core.evaluation import EvaluationProtocol, mean_std
 from ddsuite.core.methods import config_from_dict, get_method, list_methods
@@ -113,64 +114,66 @@ def run_compare(scenario: CompareScenario, *, out_dir: Path, device: str | None 
     for ipc in scenario.ipc:
         splits.train.check_ipc(ipc)
     prepare_out_dir(out_dir, resume=False, overwrite=overwrite, can_resume=False)
-    write_text(out_dir / "scenario.yaml",
-               yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
+    with scenario_status(out_dir, scenario.name):
+        write_text(out_dir / "scenario.yaml",
+                   yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
 
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    for ipc in scenario.ipc:
-        for entry in scenario.methods:
-            name = entry["name"]
-            options = {k: v for k, v in entry.items() if k != "name"}
-            accuracies: list[float] = []
-            seconds = 0.0
-            for seed in scenario.seeds:
-                label = f"{name}-ipc{ipc}-seed{seed}"
-                result = distill(
-                    name, splits=splits, config={**options, "ipc": ipc}, seed=seed,
-                    device=device_, out_dir=out_dir / "sets" / label, protocol=protocol,
-                    callbacks=[ProgressBar(label), FinalEvaluation(protocol),
-                               ImageGrid(out_dir / "sets" / label)],
-                    checkpoint_every=0,
-                )
-                evaluation = result.metrics["evaluation"]["scores"]
-                for score in evaluation.values():
-                    accuracies.extend(score["accuracies"])
-                seconds += result.seconds
-                print(f"{label}: " + ", ".join(
-                    f"{m} {format_mean_std(s['mean'], s['std'])}" for m, s in evaluation.items()))
-            mean, std = mean_std(accuracies)
-            results.setdefault(name, {})[ipc] = {
-                "mean": mean, "std": std, "accuracies": accuracies,
-                "distill_seconds": seconds / len(scenario.seeds),
-            }
+        results: dict[str, dict[int, dict[str, Any]]] = {}
+        for ipc in scenario.ipc:
+            for entry in scenario.methods:
+                name = entry["name"]
+                options = {k: v for k, v in entry.items() if k != "name"}
+                accuracies: list[float] = []
+                seconds = 0.0
+                for seed in scenario.seeds:
+                    label = f"{name}-ipc{ipc}-seed{seed}"
+                    result = distill(
+                        name, splits=splits, config={**options, "ipc": ipc}, seed=seed,
+                        device=device_, out_dir=out_dir / "sets" / label, protocol=protocol,
+                        callbacks=[ProgressBar(label), FinalEvaluation(protocol),
+                                   ImageGrid(out_dir / "sets" / label)],
+                        checkpoint_every=0,
+                    )
+                    evaluation = result.metrics["evaluation"]["scores"]
+                    for score in evaluation.values():
+                        accuracies.extend(score["accuracies"])
+                    seconds += result.seconds
+                    scores = ", ".join(f"{m} {format_mean_std(s['mean'], s['std'])}"
+                                       for m, s in evaluation.items())
+                    print(f"{label}: {scores}")
+                mean, std = mean_std(accuracies)
+                results.setdefault(name, {})[ipc] = {
+                    "mean": mean, "std": std, "accuracies": accuracies,
+                    "distill_seconds": seconds / len(scenario.seeds),
+                }
 
-    headers = ["method"] + [f"IPC {ipc}" for ipc in scenario.ipc]
-    rows = [[name] + [format_mean_std(by_ipc[ipc]["mean"], by_ipc[ipc]["std"])
-                      for ipc in scenario.ipc] for name, by_ipc in results.items()]
-    table = markdown_table(headers, rows)
-    models = ", ".join(protocol.models)
-    summary = (
-        f"# {scenario.name}\n\n{scenario.description.strip()}\n\n"
-        f"Test accuracy (%) on {splits.identity.name}, mean ± std over "
-        f"{protocol.num_eval} networks x {len(scenario.seeds)} seed(s); model(s) {models}; "
-        f"{protocol.resolved_epochs} epochs, augmentation {protocol.augmentation}.\n\n"
-        f"{table}\n"
-    )
-    metrics = {
-        "scenario": scenario.name,
-        "created": timestamp(),
-        "dataset": splits.identity.to_dict(),
-        "input_space": splits.input_space.to_dict(),
-        "protocol": protocol.to_dict(),
-        "device": str(device_),
-        "versions": library_versions(),
-        "results": {name: {str(ipc): r for ipc, r in by_ipc.items()}
-                    for name, by_ipc in results.items()},
-    }
-    write_json(out_dir / "metrics.json", metrics)
-    write_text(out_dir / "summary.md", summary)
-    logger.info("wrote %s", out_dir)
-    return summary
+        headers = ["method"] + [f"IPC {ipc}" for ipc in scenario.ipc]
+        rows = [[name] + [format_mean_std(by_ipc[ipc]["mean"], by_ipc[ipc]["std"])
+                          for ipc in scenario.ipc] for name, by_ipc in results.items()]
+        table = markdown_table(headers, rows)
+        models = ", ".join(protocol.models)
+        summary = (
+            f"# {scenario.name}\n\n{scenario.description.strip()}\n\n"
+            f"Test accuracy (%) on {splits.identity.name}, mean ± std over "
+            f"{protocol.num_eval} networks x {len(scenario.seeds)} seed(s); model(s) {models}; "
+            f"{protocol.resolved_epochs} epochs, augmentation {protocol.augmentation}.\n\n"
+            f"{table}\n"
+        )
+        metrics = {
+            "scenario": scenario.name,
+            "created": timestamp(),
+            "dataset": splits.identity.to_dict(),
+            "input_space": splits.input_space.to_dict(),
+            "protocol": protocol.to_dict(),
+            "device": str(device_),
+            "versions": library_versions(),
+            "results": {name: {str(ipc): r for ipc, r in by_ipc.items()}
+                        for name, by_ipc in results.items()},
+        }
+        write_json(out_dir / "metrics.json", metrics)
+        write_text(out_dir / "summary.md", summary)
+        logger.info("wrote %s", out_dir)
+        return summary
 
 
 register_scenario_kind(ScenarioKind(

@@ -341,6 +341,7 @@ def test_run_quickstart_tiny_writes_the_report(tiny_report):
     assert set(table[1]) <= set("|- ")
     assert [row.split("|")[1].strip() for row in table[2:]] == ["random", "dm"]
     assert all("±" in row for row in table[2:])
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["scenario"] == "quickstart"

@@ -289,6 +289,8 @@ def test_digits_scenario_end_to_end_through_nni(tmp_path, monkeypatch):
                               resolved=loaded.resolved)
     assert len(calls) == 4
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["scenario"] == "nas-digits" and run["status"] == "finished"
     assert len(metrics["candidates"]) == 4 and metrics["versions"]["nni"] != "not installed"
     rows = metrics["proxies"]
     assert list(rows) == ["real data", "dm", "random", "herding"]

@@ -33,7 +33,7 @@ import yaml
 from ddsuite.core.atomic import atomic_write, write_json, write_text
 from ddsuite.core.data import load_dataset
 from ddsuite.core.device import device_problems, resolve_device
-from ddsuite.core.engine import prepare_out_dir
+from ddsuite.core.engine import prepare_out_dir, scenario_status
 from ddsuite.core.errors import ConfigError
 from ddsuite.core.methods import config_from_dict, get_method, list_methods
 from ddsuite.core.provenance import library_versions, timestamp
@@ -296,110 +296,113 @@ def run_nas_proxy(scenario: NasProxyScenario, *, out_dir: Path, device: str | No
         subset = _class_subset(search_splits.train.labels, gt_spec.images_per_class,
                                seed=scenario.seed)
     prepare_out_dir(out_dir, resume=False, overwrite=overwrite, can_resume=False)
-    write_text(out_dir / "scenario.yaml",
-               yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
+    with scenario_status(out_dir, scenario.name):
+        write_text(out_dir / "scenario.yaml",
+                   yaml.safe_dump(resolved or asdict(scenario), sort_keys=False))
 
-    # Proxies, in the scenario's order.
-    proxies: list[ProxySet] = []
-    for entry in scenario.proxies:
-        label = scenario.proxy_label(entry)
-        if label in loaded:
-            proxies.append(loaded[label])
-            continue
-        proxies.append(make_proxy(
-            entry["method"], search_splits, ipc=scenario.ipc,
-            config=scenario.method_options(entry), seed=scenario.seed, device=device_,
-            name=label, out_dir=None if entry["method"] == "full" else out_dir / "sets" / label))
-        print(f"proxy {label}: {proxies[-1].images.shape[0]} images, made in "
-              f"{proxies[-1].make_seconds:.1f} s", flush=True)
+        # Proxies, in the scenario's order.
+        proxies: list[ProxySet] = []
+        for entry in scenario.proxies:
+            label = scenario.proxy_label(entry)
+            if label in loaded:
+                proxies.append(loaded[label])
+                continue
+            proxies.append(make_proxy(
+                entry["method"], search_splits, ipc=scenario.ipc,
+                config=scenario.method_options(entry), seed=scenario.seed, device=device_,
+                name=label,
+                out_dir=None if entry["method"] == "full" else out_dir / "sets" / label))
+            print(f"proxy {label}: {proxies[-1].images.shape[0]} images, made in "
+                  f"{proxies[-1].make_seconds:.1f} s", flush=True)
 
-    # Ground truth: cached on disk, trained once.
-    def progress(result) -> None:
-        state = "cached" if result.cached else f"trained in {result.seconds:.1f} s"
-        value = result.failed or f"test {result.test_mean:.2f}%"
-        print(f"ground truth {result.candidate}: {value} ({state})", flush=True)
+        # Ground truth: cached on disk, trained once.
+        def progress(result) -> None:
+            state = "cached" if result.cached else f"trained in {result.seconds:.1f} s"
+            value = result.failed or f"test {result.test_mean:.2f}%"
+            print(f"ground truth {result.candidate}: {value} ({state})", flush=True)
 
-    truths = measure_ground_truth(
-        specs, search_splits, validation=validation,
-        validation_key={"per_class": scenario.validation_per_class, "seed": scenario.seed},
-        budget=gt_spec.budget, cache=GroundTruthCache(gt_spec.cache_dir), device=device_,
-        seed=scenario.seed, train_subset=subset, on_result=progress)
-    real_test = {t.candidate: t.test_mean for t in truths}
+        truths = measure_ground_truth(
+            specs, search_splits, validation=validation,
+            validation_key={"per_class": scenario.validation_per_class, "seed": scenario.seed},
+            budget=gt_spec.budget, cache=GroundTruthCache(gt_spec.cache_dir), device=device_,
+            seed=scenario.seed, train_subset=subset, on_result=progress)
+        real_test = {t.candidate: t.test_mean for t in truths}
 
-    c, h, w = image_shape
-    dims = scenario.space.dims()
-    restricted = None if specs == dims.specs() else specs
-    space = ConvNetSpace(in_channels=c, num_classes=classes, image_size=(h, w), dims=dims,
-                         candidates=restricted)
-    options = scenario.search
+        c, h, w = image_shape
+        dims = scenario.space.dims()
+        restricted = None if specs == dims.specs() else specs
+        space = ConvNetSpace(in_channels=c, num_classes=classes, image_size=(h, w), dims=dims,
+                             candidates=restricted)
+        options = scenario.search
 
-    def run_search(scorer: ProxyScorer) -> tuple[list[TrialRecord], dict[str, TrialRecord]]:
-        from nni.nas.evaluator import FunctionalEvaluator
+        def run_search(scorer: ProxyScorer) -> tuple[list[TrialRecord], dict[str, TrialRecord]]:
+            from nni.nas.evaluator import FunctionalEvaluator
 
-        evaluator = FunctionalEvaluator(scorer)
-        strategy = make_strategy(options.strategy, seed=options.seed,
-                                 population_size=options.population_size,
-                                 sample_size=options.sample_size,
-                                 mutation_prob=options.mutation_prob)
-        with _nni_log_level(logging.WARNING):
-            trials = search(space, evaluator, strategy=strategy,
-                            max_trials=None if options.strategy == "grid" else
-                            options.max_trials, seed=options.seed)
-            if options.strategy != "grid":  # score the rest too, for the rank correlations
-                search(space, evaluator, strategy="grid")
-        return trials, dict(scorer.memo)
+            evaluator = FunctionalEvaluator(scorer)
+            strategy = make_strategy(options.strategy, seed=options.seed,
+                                     population_size=options.population_size,
+                                     sample_size=options.sample_size,
+                                     mutation_prob=options.mutation_prob)
+            with _nni_log_level(logging.WARNING):
+                trials = search(space, evaluator, strategy=strategy,
+                                max_trials=None if options.strategy == "grid" else
+                                options.max_trials, seed=options.seed)
+                if options.strategy != "grid":  # score the rest too, for the rank correlations
+                    search(space, evaluator, strategy="grid")
+            return trials, dict(scorer.memo)
 
-    rows: dict[str, dict[str, Any]] = {}
-    # The real-data search: the same strategy on the ground truth's validation scores.
-    real = ProxyScorer(ProxySet(name="real data", kind="real", images=search_splits.train.images,
-                                labels=search_splits.train.labels, num_classes=classes),
-                       validation=validation, budget=gt_spec.budget, device=device_)
-    real.memo = {t.candidate: TrialRecord(candidate=t.candidate, score=t.validation_mean,
-                                          accuracies=t.validation, seconds=t.seconds,
-                                          failed=t.failed) for t in truths}
-    real_trials, real_memo = run_search(real)
-    real_seconds = sum(t.seconds for t in real_trials)
-    rows["real data"] = _row(real_trials, real_memo, real_test, search_seconds=real_seconds,
-                             real_seconds=real_seconds, proxy=None,
-                             real_images=int(truths[0].record.get("num_train_images", 0)))
-    for proxy in proxies:
-        scorer = ProxyScorer(proxy, validation=validation, budget=scenario.proxy_budget,
-                             device=device_, seed=scenario.seed)
-        trials, memo = run_search(scorer)
-        rows[proxy.name] = _row(trials, memo, real_test, search_seconds=sum(
-            t.seconds for t in trials), real_seconds=real_seconds, proxy=proxy)
-        print(f"proxy {proxy.name}: Spearman {_fmt(rows[proxy.name]['spearman'])}, picked "
-              f"{rows[proxy.name]['picked']} ({_fmt(rows[proxy.name]['picked_test'], 1)}%)",
-              flush=True)
+        rows: dict[str, dict[str, Any]] = {}
+        # The real-data search: the same strategy on the ground truth's validation scores.
+        real_set = ProxySet(name="real data", kind="real", images=search_splits.train.images,
+                            labels=search_splits.train.labels, num_classes=classes)
+        real = ProxyScorer(real_set, validation=validation, budget=gt_spec.budget,
+                           device=device_)
+        real.memo = {t.candidate: TrialRecord(candidate=t.candidate, score=t.validation_mean,
+                                              accuracies=t.validation, seconds=t.seconds,
+                                              failed=t.failed) for t in truths}
+        real_trials, real_memo = run_search(real)
+        real_seconds = sum(t.seconds for t in real_trials)
+        rows["real data"] = _row(real_trials, real_memo, real_test, search_seconds=real_seconds,
+                                 real_seconds=real_seconds, proxy=None,
+                                 real_images=int(truths[0].record.get("num_train_images", 0)))
+        for proxy in proxies:
+            scorer = ProxyScorer(proxy, validation=validation, budget=scenario.proxy_budget,
+                                 device=device_, seed=scenario.seed)
+            trials, memo = run_search(scorer)
+            rows[proxy.name] = _row(trials, memo, real_test, search_seconds=sum(
+                t.seconds for t in trials), real_seconds=real_seconds, proxy=proxy)
+            print(f"proxy {proxy.name}: Spearman {_fmt(rows[proxy.name]['spearman'])}, picked "
+                  f"{rows[proxy.name]['picked']} ({_fmt(rows[proxy.name]['picked_test'], 1)}%)",
+                  flush=True)
 
-    summary = _summary(scenario, splits, rows, truths, len(specs))
-    metrics = {
-        "scenario": scenario.name,
-        "created": timestamp(),
-        "dataset": splits.identity.to_dict(),
-        "input_space": splits.input_space.to_dict(),
-        "validation": {"per_class": scenario.validation_per_class, "seed": scenario.seed,
-                       "images": int(validation[0].shape[0])},
-        "candidates": specs,
-        "proxy_budget": scenario.proxy_budget.to_dict(),
-        "ground_truth": {
-            "budget": gt_spec.budget.to_dict(), "images_per_class": gt_spec.images_per_class,
-            "cache_dir": str(gt_spec.cache_dir),
-            "results": [{"candidate": t.candidate, "validation": t.validation,
-                         "test": t.test, "seconds": t.seconds, "failed": t.failed,
-                         "cached": t.cached, "computed_on": t.record.get("device"),
-                         "created": t.record.get("created")} for t in truths]},
-        "search": asdict(options),
-        "engine": "nni sequential (in-process)",
-        "device": str(device_),
-        "versions": library_versions(("nni",)),
-        "proxies": rows,
-    }
-    _plot(out_dir / "plots" / "proxy_vs_real.png", rows, real_test)
-    write_json(out_dir / "metrics.json", metrics)
-    write_text(out_dir / "summary.md", summary)
-    logger.info("wrote %s", out_dir)
-    return summary
+        summary = _summary(scenario, splits, rows, truths, len(specs))
+        metrics = {
+            "scenario": scenario.name,
+            "created": timestamp(),
+            "dataset": splits.identity.to_dict(),
+            "input_space": splits.input_space.to_dict(),
+            "validation": {"per_class": scenario.validation_per_class, "seed": scenario.seed,
+                           "images": int(validation[0].shape[0])},
+            "candidates": specs,
+            "proxy_budget": scenario.proxy_budget.to_dict(),
+            "ground_truth": {
+                "budget": gt_spec.budget.to_dict(), "images_per_class": gt_spec.images_per_class,
+                "cache_dir": str(gt_spec.cache_dir),
+                "results": [{"candidate": t.candidate, "validation": t.validation,
+                             "test": t.test, "seconds": t.seconds, "failed": t.failed,
+                             "cached": t.cached, "computed_on": t.record.get("device"),
+                             "created": t.record.get("created")} for t in truths]},
+            "search": asdict(options),
+            "engine": "nni sequential (in-process)",
+            "device": str(device_),
+            "versions": library_versions(("nni",)),
+            "proxies": rows,
+        }
+        _plot(out_dir / "plots" / "proxy_vs_real.png", rows, real_test)
+        write_json(out_dir / "metrics.json", metrics)
+        write_text(out_dir / "summary.md", summary)
+        logger.info("wrote %s", out_dir)
+        return summary
 
 
 def _row(trials, memo, real_test: dict[str, float | None], *, search_seconds: float,
