@@ -43,9 +43,10 @@ def distill_private(method: str, *, splits: DatasetSplits, config: dict[str, Any
                     overwrite: bool = False) -> tuple[DistillResult, dict[str, Any]]:
     """Distil with a private method and record its privacy in the artifact.
 
-    The artifact's metadata gets a "privacy" entry: accountant, noise multiplier, clip norm,
-    sample rate, steps, delta and the accountant's epsilon for those steps (never below what
-    the run spent; the ledger checks the finished run against it).
+    The private distiller itself writes the artifact's "privacy" entry (`artifact_meta`):
+    accountant, noise multiplier, clip norm, sample rate, steps, delta and the accountant's
+    epsilon for those steps. This wrapper adds a check of the finished run against the planned
+    record (nothing is saved when they differ) and returns the record.
 
     Returns:
         The engine's result and the privacy record.
@@ -59,5 +60,5 @@ def distill_private(method: str, *, splits: DatasetSplits, config: dict[str, Any
     record = probe.privacy_record()
     result = distill(method, splits=splits, config=resolved, seed=seed, device=device,
                      out_dir=out_dir, callbacks=[*callbacks, PrivacyLedger(record)],
-                     overwrite=overwrite, checkpoint_every=0, extra_meta={"privacy": record})
+                     overwrite=overwrite, checkpoint_every=0)
     return result, result.metrics.get("privacy", record)

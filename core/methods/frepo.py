@@ -13,7 +13,7 @@ re-initialised, so the pool always holds networks at different stages of trainin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,14 +67,8 @@ class FRePoConfig(KernelConfig):
         return out
 
     def resolve(self, *, dataset: str) -> "FRePoConfig":
-        return replace(
-            self,
-            iterations=DEFAULT_ITERATIONS if self.iterations is None else self.iterations,
-            lr_images=PUBLISHED_LR if self.lr_images is None else self.lr_images,
-            lr_labels=PUBLISHED_LR if self.lr_labels is None else self.lr_labels,
-            ridge=PUBLISHED_RIDGE if self.ridge is None else self.ridge,
-            learn_labels=True if self.learn_labels is None else self.learn_labels,
-        )._checked(dataset)
+        return self._with_defaults(dataset, iterations=DEFAULT_ITERATIONS, lr=PUBLISHED_LR,
+                                   ridge=PUBLISHED_RIDGE, learn_labels=True)
 
 
 @register_method

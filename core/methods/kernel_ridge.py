@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -214,6 +214,18 @@ class KernelConfig(MethodConfig):
         if not 0 < self.label_confidence < 1:
             out.append(f"label_confidence must be in (0, 1), got {self.label_confidence}")
         return out
+
+    def _with_defaults(self: K, dataset: str, *, iterations: int, lr: float, ridge: float,
+                       learn_labels: bool) -> K:
+        """Fill every unset shared field with the method's published value, then check."""
+        return replace(
+            self,
+            iterations=iterations if self.iterations is None else self.iterations,
+            lr_images=lr if self.lr_images is None else self.lr_images,
+            lr_labels=lr if self.lr_labels is None else self.lr_labels,
+            ridge=ridge if self.ridge is None else self.ridge,
+            learn_labels=learn_labels if self.learn_labels is None else self.learn_labels,
+        )._checked(dataset)
 
     def _checked(self: K, dataset: str) -> K:
         problems = self.problems()

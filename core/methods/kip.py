@@ -13,7 +13,7 @@ implemented; on image data they are the stronger ones in the paper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -71,14 +71,8 @@ class KIPConfig(KernelConfig):
         return out
 
     def resolve(self, *, dataset: str) -> "KIPConfig":
-        return replace(
-            self,
-            iterations=DEFAULT_ITERATIONS if self.iterations is None else self.iterations,
-            lr_images=PUBLISHED_LR if self.lr_images is None else self.lr_images,
-            lr_labels=PUBLISHED_LR if self.lr_labels is None else self.lr_labels,
-            ridge=PUBLISHED_RIDGE if self.ridge is None else self.ridge,
-            learn_labels=False if self.learn_labels is None else self.learn_labels,
-        )._checked(dataset)
+        return self._with_defaults(dataset, iterations=DEFAULT_ITERATIONS, lr=PUBLISHED_LR,
+                                   ridge=PUBLISHED_RIDGE, learn_labels=False)
 
 
 @register_method
