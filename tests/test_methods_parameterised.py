@@ -148,3 +148,22 @@ def test_one_image_update_lowers_the_matching_loss_on_the_same_network_and_batch
     distiller.update_images(before, iteration=0)
     after = loss()
     assert float(after.detach()) < float(before.detach())
+
+
+def test_idc_refuses_a_model_without_convolutions_unless_the_classifier_is_matched(
+        digits_splits):
+    config = config_from_dict(IDCConfig, {"ipc": 1, "model": "mlp"}).resolve(dataset="digits")
+    with pytest.raises(ConfigError, match="no convolution weights.*match_classifier"):
+        IDC(config, splits=digits_splits, device="cpu")
+    IDC(config_from_dict(IDCConfig, {"ipc": 1, "model": "mlp", "match_classifier": True})
+        .resolve(dataset="digits"), splits=digits_splits, device="cpu")
+
+
+def test_a_nas_proxy_made_with_idc_trains_on_the_decoded_images(digits_splits):
+    pytest.importorskip("nni")
+    from ddsuite.applications.nas.proxy import make_proxy
+
+    proxy = make_proxy("idc", digits_splits, ipc=1, seed=0, device="cpu",
+                       config={"iterations": 1, "inner_loop": 1, "n_data": 32, "model": SMALL})
+    assert tuple(proxy.images.shape) == (40, 1, 8, 8)  # 10 mosaics, 4 tiles each
+    assert torch.equal(proxy.labels.cpu(), torch.arange(10).repeat_interleave(4))

@@ -27,6 +27,7 @@ from ddsuite.core.data import DatasetSplits, RealDataset
 from ddsuite.core.errors import ConfigError, InputSpaceMismatchError
 from ddsuite.core.evaluation import EvaluationProtocol, check_input_space, networks_accuracy
 from ddsuite.core.evaluation import train_networks
+from ddsuite.core.synthetic.decode import decode_set
 
 __all__ = ["CandidateScore", "ProxySet", "TrainingBudget", "hold_out", "load_proxy",
            "make_proxy", "train_and_score"]
@@ -158,9 +159,10 @@ def load_proxy(path: str | Path, splits: DatasetSplits, *, name: str | None = No
             f"{splits.identity.name!r} has {classes}; a proxy must cover every test class "
             "(distil it from the whole dataset)")
     check_input_space(artifact.meta, splits)
+    images, labels, _ = artifact.decoded()  # a parameterised set trains on what it decodes to
     return ProxySet(
-        name=name or Path(path).name, kind="artifact", images=artifact.images_syn,
-        labels=artifact.labels_syn, num_classes=artifact.num_classes,
+        name=name or Path(path).name, kind="artifact", images=images,
+        labels=labels, num_classes=artifact.num_classes,
         meta={"path": str(path), "method": artifact.method, "ipc": artifact.ipc,
               "tensors_sha256": artifact.meta["tensors_sha256"]})
 
@@ -188,9 +190,11 @@ def make_proxy(method: str, splits: DatasetSplits, *, ipc: int | None = None,
     result = distill(method, splits=splits, config={**(config or {}), "ipc": ipc}, seed=seed,
                      device=device, out_dir=out_dir, checkpoint_every=0)
     tensors = result.syn.tensors()
+    images, labels, _ = decode_set(tensors["images_syn"], tensors["labels_syn"],
+                                   decode=result.syn.decode)
     return ProxySet(
         name=name or method, kind="coreset" if family == "coreset" else "distilled",
-        images=tensors["images_syn"].detach(), labels=tensors["labels_syn"],
+        images=images, labels=labels,
         num_classes=splits.train.num_classes, make_seconds=time.perf_counter() - start,
         meta={"method": method, "ipc": ipc, "seed": seed, "config": result.config.to_dict()})
 

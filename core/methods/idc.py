@@ -148,6 +148,11 @@ class IDC(MultiFormation, GradientMatchingBase):
     def __init__(self, config: IDCConfig, **kwargs):
         super().__init__(config, **kwargs)
         self.check_factor()
+        if not config.match_classifier and not any(
+                p.ndim == 4 for p in self.fresh_model().parameters()):
+            raise ConfigError([f"model {config.model!r} has no convolution weights, and idc "
+                               "matches only those; use a ConvNet or set "
+                               "match_classifier: true"], source="idc config")
         strategy = config.augmentation or "none"
         self.augment = DiffAugment(strategy, mode="multiple") if strategy != "none" else None
 
