@@ -67,7 +67,11 @@ CIFAR10 = {
 DATASETS = {"mnist": {"published": MNIST, "whole_set": 99.6, "ipcs": "1,10"},
             "cifar10": {"published": CIFAR10, "whole_set": 84.8, "ipcs": "1,10,50"}}
 METHODS = ("random", "herding", "dc", "dsa", "dm", "cafe", "idm", "datadam", "mtt", "tesla",
-           "kip", "rfad", "frepo", "dd", "sre2l", "idc")
+           "kip", "rfad", "frepo", "dd", "sre2l", "idc", "haba")
+
+# One expert of 6 epochs (the cache is shared by mtt, tesla and haba at every IPC).
+TRAJECTORY_CPU = {"iterations": 100, "num_experts": 1, "expert_epochs_train": 6,
+                  "syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 4}
 
 # Per-budget method options, keyed by (method, ipc); "*" applies to every IPC. The cpu
 # budget's counts are what one CPU core gets through in minutes per method and IPC.
@@ -81,12 +85,12 @@ BUDGETS = {
             ("dsa", 10): {"iterations": 5, "batch_real": 32, "inner_loop": 5},
             ("dm", "*"): {"iterations": 100, "batch_real": 32},
             ("cafe", "*"): {"iterations": 20, "batch_real": 32},
-            ("idm", "*"): {"iterations": 100, "batch_real": 32, "pool_size": 10},
+            ("idm", "*"): {"iterations": 50, "batch_real": 32, "pool_size": 10,
+                           "train_steps": 5, "batch_train": 64},
             ("datadam", "*"): {"iterations": 100, "batch_real": 32},
-            ("mtt", "*"): {"iterations": 100, "num_experts": 2, "expert_epochs_train": 10,
-                           "syn_steps": 10, "max_start_epoch": 5},
-            ("tesla", "*"): {"iterations": 100, "num_experts": 2, "expert_epochs_train": 10,
-                             "syn_steps": 10, "max_start_epoch": 5},
+            ("mtt", "*"): TRAJECTORY_CPU,
+            ("tesla", "*"): TRAJECTORY_CPU,
+            ("haba", "*"): TRAJECTORY_CPU,
             ("kip", "*"): {"iterations": 100},
             ("rfad", "*"): {"iterations": 100},
             ("frepo", "*"): {"iterations": 100},

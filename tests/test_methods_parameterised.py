@@ -1,4 +1,5 @@
-"""Tests of the parameterised-set methods: IDC's multi-formation mosaics.
+"""Tests of the parameterised-set methods: IDC's multi-formation mosaics, HaBa's bases and
+hallucinators.
 
 The released defaults, the choice of matched gradients and the mosaic start are checked
 directly; a short run on digits must store mosaics, record how they decode, and evaluate on
@@ -18,7 +19,9 @@ from ddsuite.core.methods.gradient_matching import gradient_distance, per_class_
 from ddsuite.core.methods.idc import IDC, IDCConfig, _matched
 from ddsuite.core.models import build_model
 from ddsuite.core.synthetic import load_artifact
-from ddsuite.core.synthetic.decode import partition_expand
+from ddsuite.core.methods.haba import hallucination_similarity
+from ddsuite.core.synthetic.decode import decode_problems, decode_set, partition_expand
+from ddsuite.core.synthetic.hallucinate import Hallucinators
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -167,3 +170,111 @@ def test_a_nas_proxy_made_with_idc_trains_on_the_decoded_images(digits_splits):
                        config={"iterations": 1, "inner_loop": 1, "n_data": 32, "model": SMALL})
     assert tuple(proxy.images.shape) == (40, 1, 8, 8)  # 10 mosaics, 4 tiles each
     assert torch.equal(proxy.labels.cpu(), torch.arange(10).repeat_interleave(4))
+
+
+# -- HaBa: bases and hallucinators -----------------------------------------------------------
+
+HABA = {"ipc": 1, "iterations": 2, "model": "convnet(width=8)", "num_experts": 1,
+        "expert_epochs_train": 4, "syn_steps": 3, "max_start_epoch": 2, "expert_epochs": 2,
+        "hallucinators": 3, "hallucinator_channels": 2}
+
+
+@pytest.fixture(scope="module")
+def haba_run(digits_splits, tmp_path_factory):
+    root = tmp_path_factory.mktemp("haba")
+    config = {**HABA, "experts_dir": str(root / "experts"), "lr_hallucinators": 0.1}
+    result = distill("haba", splits=digits_splits, config=config, seed=0, out_dir=root / "run")
+    return result, root / "run", config
+
+
+def test_each_base_decodes_to_one_image_per_hallucinator_in_base_order():
+    torch.manual_seed(0)
+    module = Hallucinators(4, image_channels=3, channels=2)
+    bases = torch.randn(5, 3, 6, 6)
+    images = module(bases)
+    assert tuple(images.shape) == (20, 3, 6, 6)
+    # hallucinator j alone, applied to base i, is row i * 4 + j
+    alone = module(bases[2:3])
+    torch.testing.assert_close(images[8:12], alone)
+    with torch.no_grad():
+        module.decoder_weight.zero_()
+        module.decoder_bias.zero_()
+    torch.testing.assert_close(module(bases), bases.repeat_interleave(4, dim=0))
+
+
+def test_similarity_penalty_is_one_for_copies_and_zero_for_orthogonal_hallucinations():
+    copies = torch.tensor([[1.0, 2.0], [2.0, 4.0], [0.5, 1.0]])
+    assert float(hallucination_similarity(copies, 3)) == pytest.approx(1.0)
+    orthogonal = torch.eye(3)
+    assert float(hallucination_similarity(orthogonal, 3)) == pytest.approx(0.0)
+
+
+def test_haba_learns_bases_and_hallucinators_and_its_artifact_counts_both(haba_run,
+                                                                          digits_splits):
+    result, folder, config = haba_run
+    artifact = load_artifact(folder)
+    meta = artifact.meta
+    assert meta["decode"] == {"kind": "hallucinate", "count": 3, "channels": 2}
+    assert meta["decoded_ipc"] == 3 and meta["family"] == "parameterised sets"
+    decoder_keys = sorted(k for k in artifact.tensors if k.startswith("decoder."))
+    assert len(decoder_keys) == 6
+    assert meta["size_bytes"] == sum(t.numel() * t.element_size()
+                                     for t in artifact.tensors.values())
+    assert meta["storage_ipc"] > 1  # bases plus the hallucinators' weights
+    images, labels, _ = artifact.decoded()
+    assert tuple(images.shape) == (30, 1, 8, 8)
+    assert torch.equal(labels, torch.arange(10).repeat_interleave(3))
+    torch.testing.assert_close(images, result.syn.decoded()[0].cpu())
+    # both the bases and the hallucinators moved away from the seeded start
+    fresh = get_method("haba")(result.config, splits=digits_splits, device="cpu")
+    start = fresh.initialize(torch.Generator().manual_seed(0))
+    assert not torch.equal(start.images_syn.detach(), artifact.images_syn)
+    assert any(not torch.equal(v, artifact.tensors[k])
+               for k, v in start.decoder.tensors().items())
+
+
+def test_resuming_a_finished_haba_run_returns_the_decoding_set(haba_run, digits_splits):
+    result, folder, config = haba_run
+    again = distill("haba", splits=digits_splits, config=config, seed=0, out_dir=folder,
+                    resume=True)
+    assert again.syn.decode == result.syn.decode
+    torch.testing.assert_close(again.syn.decoded()[0].cpu(), result.syn.decoded()[0].cpu())
+
+
+def test_hallucinator_tensors_are_checked_against_the_decode_record():
+    module = Hallucinators(2, image_channels=1, channels=3)
+    tensors = {"images_syn": torch.zeros(10, 1, 8, 8), **module.tensors()}
+    decode = {"kind": "hallucinate", "count": 2, "channels": 3}
+    assert decode_problems(decode, (1, 8, 8), tensors) == []
+    assert "count must be an integer >= 1" in decode_problems(
+        {**decode, "count": 0}, (1, 8, 8), tensors)[0]
+    wrong = decode_problems({**decode, "channels": 4}, (1, 8, 8), tensors)
+    assert any("decoder.encoder_weight" in p and "expected" in p for p in wrong)
+    missing = {k: v for k, v in tensors.items() if k != "decoder.scale"}
+    assert "decoder.scale is missing" in " ".join(decode_problems(decode, (1, 8, 8), missing))
+    with pytest.raises(ValueError, match="needs the stored tensors"):
+        decode_set(tensors["images_syn"], torch.zeros(10, dtype=torch.int64), decode=decode)
+
+
+def test_a_haba_upload_carries_its_hallucinators_and_counts_their_bytes(haba_run):
+    from ddsuite.applications.federated import Payload, payload_problems
+
+    result, folder, _ = haba_run
+    artifact = load_artifact(folder)
+    decoder = {k: v for k, v in artifact.tensors.items() if k.startswith("decoder.")}
+    payload = Payload(client=0, images_syn=artifact.images_syn, labels_syn=artifact.labels_syn,
+                      decode=artifact.decode, decoder=decoder)
+    assert payload_problems(payload, image_shape=(1, 8, 8), num_classes=10) == []
+    stored = artifact.images_syn.numel() * 4 + artifact.labels_syn.numel() * 8
+    assert payload.num_bytes == stored + sum(v.numel() * 4 for v in decoder.values())
+    without = Payload(client=0, images_syn=artifact.images_syn, labels_syn=artifact.labels_syn,
+                      decode=artifact.decode)
+    assert any("missing" in p for p in payload_problems(without, image_shape=(1, 8, 8),
+                                                        num_classes=10))
+    pytest.importorskip("flwr")
+    from ddsuite.applications.federated.flower import decode_reply, encode_reply
+
+    back = decode_reply(encode_reply(payload))
+    assert back.decode == payload.decode and back.num_bytes == payload.num_bytes
+    for key, value in decoder.items():
+        assert torch.equal(back.decoder[key], value)

@@ -338,7 +338,20 @@ def test_unlisted_ipcs_interpolate_and_other_datasets_fall_back():
     assert 20 < mid.syn_steps < 50 and 2 < mid.max_start_epoch < 20
     assert 1e-7 < mid.lr_step_size < 1e-5
     assert MTTConfig(ipc=50).resolve(dataset="cifar100").batch_syn == 125
-    assert TESLAConfig(ipc=1).resolve(dataset="digits").syn_steps == 50
+    assert TESLAConfig(ipc=1).resolve(dataset="svhn").syn_steps == 50  # CIFAR-10's
     # a start epoch whose target lies beyond the experts' last snapshot
     assert MTTConfig(ipc=1, max_start_epoch=50, expert_epochs=2).problems()
     assert TESLAConfig(learn_labels=True).problems()
+
+
+def test_digit_datasets_take_ddsuite_settings_not_cifar_image_rate():
+    """CIFAR-10's lr_images of 1000 blows digit pixels up; the MNIST family and digits use 10,
+    and digits (6 expert steps per epoch) a short student unroll."""
+    digits = MTTConfig(ipc=1).resolve(dataset="digits")
+    assert (digits.lr_images, digits.syn_steps, digits.max_start_epoch) == (10, 10, 4)
+    assert MTTConfig(ipc=10).resolve(dataset="digits").max_start_epoch == 10
+    for name in ("mnist", "Fashion-MNIST"):
+        config = MTTConfig(ipc=10).resolve(dataset=name)
+        assert config.lr_images == 10
+        assert config.syn_steps == PUBLISHED_SETTINGS["cifar10"][10]["syn_steps"]
+    assert MTTConfig(ipc=1).resolve(dataset="cifar10").lr_images == 1000

@@ -24,6 +24,7 @@ from ddsuite.core.data.identity import fingerprint_tensors
 from ddsuite.core.engine import distill
 from ddsuite.core.engine.callbacks import Callback
 from ddsuite.core.models import build_model
+from ddsuite.core.synthetic.hallucinate import DECODER_PREFIX
 
 from .payload import ModelUpdate, Payload
 from .spec import FederatedMethod
@@ -204,9 +205,10 @@ def distil_payload(method: FederatedMethod, data: ClientData, *, model: str, see
         soft = full.expand(-1, data.num_classes).clone()
         soft[:, class_ids] = tensors["labels_soft"]
     info["distill_seconds"] = result.seconds
+    decoder = {k: v for k, v in tensors.items() if k.startswith(DECODER_PREFIX)}
     return Payload(client=data.client, images_syn=tensors["images_syn"],
                    labels_syn=class_ids[tensors["labels_syn"]], labels_soft=soft,
-                   decode=result.syn.decode, info=info)
+                   decode=result.syn.decode, decoder=decoder or None, info=info)
 
 
 def raw_payload(data: ClientData) -> Payload:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ddsuite.core.errors import ConfigError, DDSuiteError
+from ddsuite.core.synthetic.hallucinate import DECODER_PREFIX
 
 from .client import ClientData, client_step
 from .payload import ModelUpdate, Payload
@@ -65,8 +66,7 @@ def encode_reply(reply: Payload | ModelUpdate):
 
     info: dict[str, Any] = {"client": reply.client, "report": json.dumps(reply.info)}
     if isinstance(reply, Payload):
-        decode = reply.decode or {}
-        info["decode_factor"] = int(decode.get("factor", 0))
+        info["decode"] = json.dumps(reply.decode)
         arrays = ArrayRecord(torch_state_dict=reply.tensors())
         return RecordDict({"payload": arrays, "info": ConfigRecord(info)})
     info["num_examples"] = reply.num_examples
@@ -79,10 +79,10 @@ def decode_reply(content) -> Payload | ModelUpdate:
     report = json.loads(info["report"])
     if "payload" in content:
         tensors = content["payload"].to_torch_state_dict()
-        factor = int(info["decode_factor"])
+        decoder = {k: v for k, v in tensors.items() if k.startswith(DECODER_PREFIX)}
         return Payload(client=int(info["client"]), images_syn=tensors["images_syn"],
                        labels_syn=tensors["labels_syn"], labels_soft=tensors.get("labels_soft"),
-                       decode={"kind": "partition-expand", "factor": factor} if factor else None,
+                       decode=json.loads(info["decode"]), decoder=decoder or None,
                        info=report)
     return ModelUpdate(client=int(info["client"]), state=content["update"].to_torch_state_dict(),
                        num_examples=int(info["num_examples"]), info=report)

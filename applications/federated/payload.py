@@ -34,6 +34,8 @@ class Payload:
         labels_soft: optional (n, classes) logits.
         decode: how the stored images decode to training images (see
             `ddsuite.core.synthetic.decode`); None: as they are.
+        decoder: a decoder's weights that travel with the images (HaBa's hallucinators,
+            keys ``decoder.*``); counted in the upload's bytes.
         info: what the client reports besides (local sample count, skipped classes, ...).
     """
 
@@ -42,12 +44,14 @@ class Payload:
     labels_syn: Tensor
     labels_soft: Tensor | None = None
     decode: dict | None = None
+    decoder: dict[str, Tensor] | None = None
     info: dict = field(default_factory=dict)
 
     def tensors(self) -> dict[str, Tensor]:
         out = {"images_syn": self.images_syn, "labels_syn": self.labels_syn}
         if self.labels_soft is not None:
             out["labels_soft"] = self.labels_soft
+        out.update(self.decoder or {})
         return out
 
     @property
@@ -73,7 +77,7 @@ class ModelUpdate:
 def payload_problems(payload: Payload, *, image_shape: tuple[int, ...],
                      num_classes: int) -> list[str]:
     """Everything wrong with a payload (empty when the server may train on it)."""
-    out = list(decode_problems(payload.decode, tuple(image_shape)))
+    out = list(decode_problems(payload.decode, tuple(image_shape), payload.tensors()))
     images, labels, soft = payload.images_syn, payload.labels_syn, payload.labels_soft
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(image_shape):
         out.append(f"images_syn has shape {tuple(images.shape)}, expected "

@@ -157,7 +157,7 @@ def train_on_payloads(model: torch.nn.Module, payloads: Sequence[Payload], *,
 
     Soft labels are used when every payload has them, hard labels otherwise.
     """
-    decoded = [decode_set(p.images_syn, p.labels_syn, p.labels_soft, p.decode)
+    decoded = [decode_set(p.images_syn, p.labels_syn, p.labels_soft, p.decode, p.tensors())
                for p in payloads]
     images = torch.cat([d[0] for d in decoded]).to(device)  # (n, C, H, W)
     soft = all(d[2] is not None for d in decoded)

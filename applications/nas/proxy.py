@@ -27,7 +27,6 @@ from ddsuite.core.data import DatasetSplits, RealDataset
 from ddsuite.core.errors import ConfigError, InputSpaceMismatchError
 from ddsuite.core.evaluation import EvaluationProtocol, check_input_space, networks_accuracy
 from ddsuite.core.evaluation import train_networks
-from ddsuite.core.synthetic.decode import decode_set
 
 __all__ = ["CandidateScore", "ProxySet", "TrainingBudget", "hold_out", "load_proxy",
            "make_proxy", "train_and_score"]
@@ -189,9 +188,8 @@ def make_proxy(method: str, splits: DatasetSplits, *, ipc: int | None = None,
     start = time.perf_counter()
     result = distill(method, splits=splits, config={**(config or {}), "ipc": ipc}, seed=seed,
                      device=device, out_dir=out_dir, checkpoint_every=0)
-    tensors = result.syn.tensors()
-    images, labels, _ = decode_set(tensors["images_syn"], tensors["labels_syn"],
-                                   decode=result.syn.decode)
+    images, labels, _ = result.syn.decoded()  # what a parameterised set decodes to
+    images, labels = images.cpu(), labels.cpu()
     return ProxySet(
         name=name or method, kind="coreset" if family == "coreset" else "distilled",
         images=images, labels=labels,

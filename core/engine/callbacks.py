@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DDSuiteError
 from ..evaluation import EvaluationProtocol, evaluate_images
-from ..synthetic.decode import decode_set
 
 if TYPE_CHECKING:
     from .loop import RunContext
@@ -62,8 +61,7 @@ class PeriodicEvaluation(Callback):
         if self.every <= 0 or ctx.iteration % self.every:
             return
         protocol = ctx.distiller.final_protocol(ctx.syn, self.protocol)  # current step size
-        images, labels, _ = decode_set(ctx.syn.images_syn.detach(), ctx.syn.labels_syn,
-                                       decode=ctx.syn.decode)
+        images, labels, _ = ctx.syn.decoded()
         result = evaluate_images(images, labels, ctx.splits,
                                  protocol=protocol, device=ctx.device, seed=ctx.seed)
         scores = {m: s.mean for m, s in result.scores.items()}
@@ -81,10 +79,9 @@ class FinalEvaluation(Callback):
 
     def on_end(self, ctx: "RunContext") -> None:
         protocol = ctx.distiller.final_protocol(ctx.syn, self.protocol)
-        labels_soft = ctx.syn.labels_soft if protocol.label_loss != "cross_entropy" else None
-        images, labels, labels_soft = decode_set(
-            ctx.syn.images_syn.detach(), ctx.syn.labels_syn,
-            None if labels_soft is None else labels_soft.detach(), ctx.syn.decode)
+        images, labels, labels_soft = ctx.syn.decoded()
+        if protocol.label_loss == "cross_entropy":
+            labels_soft = None
         result = evaluate_images(images, labels, ctx.splits,
                                  protocol=protocol, device=ctx.device,
                                  seed=ctx.seed if self.seed is None else self.seed,

@@ -450,8 +450,7 @@ def distill(
             raise ConfigError([f"{out} holds a finished run with a different "
                                f"{', '.join(changed)}; pass --overwrite to replace it"])
         logger.info("%s already holds the finished run; nothing to resume", out)
-        syn = SyntheticSet(artifact.images_syn, num_classes=artifact.num_classes,
-                           ipc=artifact.ipc)
+        syn = artifact.synthetic_set()
         saved = EvaluationProtocol.from_dict(artifact.meta["protocol"])
         return DistillResult(syn=syn, config=config, protocol=saved, history=[],
                              metrics=artifact.meta.get("metrics", {}), seconds=0.0, out_dir=out)

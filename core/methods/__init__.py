@@ -5,7 +5,7 @@ from . import cafe, datadam, idm  # noqa: F401  (distribution-matching family)
 from . import trajectory  # noqa: F401
 from . import dd, sre2l  # noqa: F401  (unrolled meta-learning, decoupled)
 from . import frepo, kip, rfad  # noqa: F401  (kernel family)
-from . import idc  # noqa: F401  (parameterised sets)
+from . import haba, idc  # noqa: F401  (parameterised sets)
 from .base import METHODS, Distiller, get_method, list_methods, register_method
 from .config import MethodConfig, config_from_dict, describe_config
 

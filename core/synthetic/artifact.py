@@ -9,6 +9,9 @@ Layout of an artifact folder::
                             library versions, metrics, the sha256 of the tensors file, and for
                             parameterised sets how they decode (`decode`) and the images per
                             class they decode to (`decoded_ipc`) beside their `size_bytes`
+                            and `storage_ipc` (those bytes in float32 images per class)
+    A parameterised set's decoder weights (HaBa's hallucinators) are tensors ``decoder.*``
+    in the same file.
 
 Both files are written atomically, tensors first; the metadata records the tensors' checksum,
 so a truncated, edited or mismatched pair is detected on load. Loading never unpickles.
@@ -31,6 +34,8 @@ from ..atomic import atomic_write, write_json
 from ..errors import ArtifactError
 from ..provenance import library_versions, timestamp
 from .decode import decode_problems, decode_set, decoded_per_image
+from .hallucinate import Hallucinators
+from .syn_set import SyntheticSet
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -93,9 +98,24 @@ class Artifact:
         """Bytes of the stored tensors (what a user ships when sharing the set)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def synthetic_set(self) -> SyntheticSet:
+        """The stored set as a (frozen) `SyntheticSet`, with its soft labels, step size,
+        decode record and decoder."""
+        step = self.tensors.get("log_step_size")
+        syn = SyntheticSet(self.images_syn, num_classes=self.num_classes, ipc=self.ipc,
+                           labels_soft=self.labels_soft,
+                           step_size=None if step is None else float(step.exp()))
+        syn.decode = self.decode
+        if self.decode is not None and self.decode["kind"] == "hallucinate":
+            syn.decoder = Hallucinators.from_tensors(
+                self.tensors, count=self.decode["count"],
+                image_channels=self.images_syn.shape[1], channels=self.decode["channels"])
+        return syn.requires_grad_(False)
+
     def decoded(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """(images, labels, soft labels) a network trains on: the stored set, decoded."""
-        return decode_set(self.images_syn, self.labels_syn, self.labels_soft, self.decode)
+        return decode_set(self.images_syn, self.labels_syn, self.labels_soft, self.decode,
+                          self.tensors)
 
 
 def _sha256(path: Path) -> str:
@@ -141,10 +161,11 @@ def save_artifact(
                             f"{tuple(labels.shape)} {labels.dtype}")
     if int(labels.max()) >= num_classes or int(labels.min()) < 0:
         raise ArtifactError(f"labels_syn outside 0..{num_classes - 1}")
-    problems = decode_problems(decode, tuple(images.shape[1:]))
+    problems = decode_problems(decode, tuple(images.shape[1:]), tensors)
     if problems:
         raise ArtifactError("refusing to save: " + "; ".join(problems))
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    size_bytes = sum(t.numel() * t.element_size() for t in cpu.values())
     atomic_write(folder / TENSORS_FILE, lambda tmp: save_file(cpu, str(tmp)))
     meta = {
         "format": ARTIFACT_FORMAT,
@@ -163,7 +184,8 @@ def save_artifact(
         "protocol": protocol,
         "versions": library_versions(),
         "metrics": metrics or {},
-        "size_bytes": sum(t.numel() * t.element_size() for t in cpu.values()),
+        "size_bytes": size_bytes,
+        "storage_ipc": round(size_bytes / (num_classes * images[0].numel() * 4), 3),
         "tensors_sha256": _sha256(folder / TENSORS_FILE),
         **(extra or {}),
     }
@@ -244,7 +266,7 @@ def load_artifact(folder: str | Path, *, device: torch.device | str = "cpu") -> 
         )
     if not images.is_floating_point() or not torch.isfinite(images).all():
         raise ArtifactError(f"{tensors_path} holds non-finite or non-float pixels")
-    problems = decode_problems(meta.get("decode"), tuple(images.shape[1:]))
+    problems = decode_problems(meta.get("decode"), tuple(images.shape[1:]), tensors)
     decoded_ipc = meta.get("decoded_ipc")
     if not problems and decoded_ipc is not None \
             and decoded_ipc != int(meta["ipc"]) * decoded_per_image(meta.get("decode")):

@@ -9,6 +9,10 @@ Known decoders:
 
 - ``{"kind": "partition-expand", "factor": f}``: each stored image is split into f x f tiles,
   every tile upsampled back to full size; the tiles keep their image's label.
+- ``{"kind": "hallucinate", "count": k, "channels": m}``: each stored image is a base that
+  k hallucinators (`ddsuite.core.synthetic.hallucinate`, m feature maps each) turn into k
+  images with the base's label. The hallucinators' weights travel with the stored tensors,
+  under the prefix ``decoder.``.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .hallucinate import DECODER_PREFIX, Hallucinators, hallucinator_shapes
+
 __all__ = ["DECODE_KINDS", "decode_problems", "decode_set", "decoded_per_image",
            "factor_problems", "partition_compose", "partition_expand", "real_mosaics"]
 
-DECODE_KINDS = ("partition-expand",)
+DECODE_KINDS = ("partition-expand", "hallucinate")
 
 
 def partition_expand(images: Tensor, factor: int) -> Tensor:
@@ -87,37 +93,84 @@ def factor_problems(factor: int, image_shape: tuple[int, ...]) -> list[str]:
     return [f"factor={factor} does not divide {h}x{w} images; allowed: {', '.join(allowed)}"]
 
 
-def decode_problems(decode: Any, image_shape: tuple[int, ...]) -> list[str]:
-    """Every problem with a decode record for images of `image_shape` (C, H, W)."""
+def _positive_int(decode: dict, key: str) -> list[str]:
+    value = decode.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return [f"decode.{key} must be an integer >= 1, got {value!r}"]
+    return []
+
+
+def decode_problems(decode: Any, image_shape: tuple[int, ...],
+                    tensors: dict[str, Tensor] | None = None) -> list[str]:
+    """Every problem with a decode record for images of `image_shape` (C, H, W).
+
+    `tensors`, when given, are the stored tensors; a decoder whose weights travel with them
+    (``hallucinate``) is checked against them: present, of the right shapes, finite.
+    """
     if decode is None:
         return []
     if not isinstance(decode, dict) or decode.get("kind") not in DECODE_KINDS:
         return [f"decode must be null or a mapping with kind one of {', '.join(DECODE_KINDS)}, "
                 f"got {decode!r}"]
-    factor = decode.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        return [f"decode.factor must be an integer >= 1, got {factor!r}"]
-    h, w = image_shape[-2:]
-    if h % factor or w % factor:
-        return [f"decode.factor {factor} does not divide the image size {h}x{w}"]
-    return []
+    if decode["kind"] == "partition-expand":
+        problems = _positive_int(decode, "factor")
+        if problems:
+            return problems
+        factor = decode["factor"]
+        h, w = image_shape[-2:]
+        if h % factor or w % factor:
+            return [f"decode.factor {factor} does not divide the image size {h}x{w}"]
+        return []
+    problems = _positive_int(decode, "count") + _positive_int(decode, "channels")
+    if problems or tensors is None:
+        return problems
+    shapes = hallucinator_shapes(decode["count"], image_shape[0], decode["channels"])
+    for name, shape in shapes.items():
+        tensor = tensors.get(DECODER_PREFIX + name)
+        if tensor is None:
+            problems.append(f"the hallucinator tensor {DECODER_PREFIX + name} is missing")
+        elif tuple(tensor.shape) != shape or not tensor.is_floating_point():
+            problems.append(f"{DECODER_PREFIX + name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                            f"expected float {shape} for decode {decode!r}")
+        elif not torch.isfinite(tensor).all():
+            problems.append(f"{DECODER_PREFIX + name} holds non-finite values")
+    return problems
 
 
 def decoded_per_image(decode: dict[str, Any] | None) -> int:
     """How many images one stored image decodes to."""
-    return 1 if decode is None else int(decode["factor"]) ** 2
+    if decode is None:
+        return 1
+    if decode["kind"] == "hallucinate":
+        return int(decode["count"])
+    return int(decode["factor"]) ** 2
 
 
 def decode_set(images: Tensor, labels: Tensor, labels_soft: Tensor | None = None,
-               decode: dict[str, Any] | None = None
+               decode: dict[str, Any] | None = None,
+               tensors: dict[str, Tensor] | None = None
                ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The images (and their labels) a network trains on, from the stored tensors."""
+    """The images (and their labels) a network trains on, from the stored tensors.
+
+    `tensors` are the stored tensors (a decoder's weights among them); ``hallucinate``
+    needs them.
+    """
     if decode is None:
         return images, labels, labels_soft
-    problems = decode_problems(decode, tuple(images.shape[1:]))
+    if decode.get("kind") == "hallucinate" and tensors is None:
+        raise ValueError("decode kind 'hallucinate' needs the stored tensors (the "
+                         "hallucinators' weights)")
+    problems = decode_problems(decode, tuple(images.shape[1:]), tensors)
     if problems:
         raise ValueError("; ".join(problems))
-    factor = int(decode["factor"])
-    repeat = factor * factor
+    repeat = decoded_per_image(decode)
     soft = None if labels_soft is None else labels_soft.repeat_interleave(repeat, dim=0)
-    return partition_expand(images, factor), labels.repeat_interleave(repeat), soft
+    if decode["kind"] == "hallucinate":
+        decoder = Hallucinators.from_tensors(
+            {k: v.to(images.device) for k, v in tensors.items() if k.startswith(DECODER_PREFIX)},
+            count=decode["count"], image_channels=images.shape[1], channels=decode["channels"])
+        with torch.no_grad():
+            decoded = decoder(images)
+    else:
+        decoded = partition_expand(images, int(decode["factor"]))
+    return decoded, labels.repeat_interleave(repeat), soft

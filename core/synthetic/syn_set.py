@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .decode import decode_set
+
 __all__ = ["SyntheticSet"]
 
 
@@ -47,6 +49,8 @@ class SyntheticSet(nn.Module):
         self.ipc = ipc
         # How the stored images decode to training images (see synthetic.decode); None: as is.
         self.decode: dict | None = None
+        # A learnable decoder whose weights are part of the set (HaBa's hallucinators).
+        self.decoder: nn.Module | None = None
         self.images_syn = nn.Parameter(images.detach().clone().float())
         labels = torch.arange(num_classes, device=images.device).repeat_interleave(ipc)
         self.register_buffer("labels_syn", labels)
@@ -91,7 +95,21 @@ class SyntheticSet(nn.Module):
             out["labels_soft"] = self.labels_soft.detach().cpu().contiguous()
         if self.log_step_size is not None:
             out["log_step_size"] = self.log_step_size.detach().cpu().reshape(1)
+        if self.decoder is not None:
+            out.update(self.decoder.tensors())
         return out
+
+    def decoded(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Detached (images, labels, soft labels) a network trains on: the set, decoded."""
+        images = self.images_syn.detach()
+        soft = None if self.labels_soft is None else self.labels_soft.detach()
+        if self.decoder is None:
+            return decode_set(images, self.labels_syn, soft, self.decode)
+        with torch.no_grad():
+            decoded = self.decoder(images)
+        repeat = decoded.shape[0] // images.shape[0]
+        return (decoded, self.labels_syn.repeat_interleave(repeat),
+                None if soft is None else soft.repeat_interleave(repeat, dim=0))
 
     def non_finite(self) -> list[str]:
         """Names of the learnable tensors that hold a NaN or an infinity."""
@@ -109,3 +127,5 @@ class SyntheticSet(nn.Module):
             self.labels_soft.copy_(tensors["labels_soft"])
         if self.log_step_size is not None and "log_step_size" in tensors:
             self.log_step_size.copy_(tensors["log_step_size"].reshape(()))
+        if self.decoder is not None:
+            self.decoder.load_tensors(tensors)
