@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -176,21 +177,34 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                      resume=args.resume, overwrite=args.overwrite, protocol=protocol)
     print(f"distilled {args.dataset} with {args.method} at ipc {args.ipc} in "
           f"{result.seconds:.1f}s -> {out}")
-    if "evaluation" in result.metrics:
-        provenance = {
-            "method": args.method, "config": result.config.to_dict(), "seed": args.seed,
-            "dataset": splits.identity.to_dict(), "input_space": splits.input_space.to_dict(),
-            "distill_seconds": result.seconds, "artifact": str(out), **result.meta,
-        }
-        _write_evaluation_report(out, result.metrics["evaluation"], provenance=provenance)
-        for model, score in result.metrics["evaluation"]["scores"].items():
-            print(f"  {model}: {format_mean_std(score['mean'], score['std'], 2)} % "
-                  f"({len(score['accuracies'])} networks)")
+    storage = _storage(out)
+    if storage["decode"] is not None:
+        print(f"  stores {storage['size_bytes']} bytes ({storage['storage_ipc']} images per "
+              f"class) that decode to {storage['decoded_ipc']} images per class")
+    provenance = {
+        "method": args.method, "config": result.config.to_dict(), "seed": args.seed,
+        "dataset": splits.identity.to_dict(), "input_space": splits.input_space.to_dict(),
+        "distill_seconds": result.seconds, "artifact": str(out), "storage": storage,
+        **result.meta,
+    }
+    _write_evaluation_report(out, result.metrics.get("evaluation"), provenance=provenance)
+    for model, score in result.metrics.get("evaluation", {}).get("scores", {}).items():
+        print(f"  {model}: {format_mean_std(score['mean'], score['std'], 2)} % "
+              f"({len(score['accuracies'])} networks)")
     return 0
 
 
+def _storage(folder: Path) -> dict:
+    """What the artifact in `folder` stores and what it decodes to (its artifact.json)."""
+    from ddsuite.core.synthetic import META_FILE
+
+    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    return {key: meta.get(key) for key in ("ipc", "decode", "decoded_ipc", "size_bytes",
+                                           "storage_ipc")}
+
+
 _PROVENANCE_KEYS = ("method", "config", "seed", "dataset", "input_space", "distill_seconds",
-                    "artifact")
+                    "artifact", "storage")
 
 
 def _brief(value) -> str:
@@ -201,32 +215,46 @@ def _brief(value) -> str:
     return str(value)
 
 
-def _write_evaluation_report(folder: Path, evaluation: dict, *, provenance: dict) -> None:
-    """metrics.json and summary.md of a distill run; each stands on its own."""
+def _write_evaluation_report(folder: Path, evaluation: dict | None, *,
+                             provenance: dict) -> None:
+    """metrics.json and summary.md of a distill run; each stands on its own. Without an
+    evaluation (--no-eval) they hold the provenance and say how to evaluate."""
     from ddsuite.core.atomic import write_json, write_text
+    from ddsuite.core.provenance import library_versions
     from ddsuite.core.report import format_mean_std, markdown_table
 
-    protocol = evaluation["protocol"]
-    config, dataset = provenance["config"], provenance["dataset"]
-    rows = [[m, format_mean_std(s["mean"], s["std"], 2), len(s["accuracies"])]
-            for m, s in evaluation["scores"].items()]
-    versions = ", ".join(f"{k} {v}" for k, v in evaluation["versions"].items())
-    text = (
+    config, dataset, storage = provenance["config"], provenance["dataset"], provenance["storage"]
+    lines = [
         f"# {provenance['method']} on {dataset['name']}, ipc {config['ipc']}\n\n"
         f"- set: {provenance['artifact']} (seed {provenance['seed']}, "
-        f"{config.get('iterations') or 0} iterations, {provenance['distill_seconds']:.0f}s)\n"
+        f"{config.get('iterations') or 0} iterations, {provenance['distill_seconds']:.0f}s)\n",
         f"- dataset: {dataset['source']}, {dataset['num_train']} train / {dataset['num_test']} "
-        f"test, fingerprint {dataset['fingerprint'][:16]}\n"
-        f"- protocol {protocol['name']}: {protocol['resolved_epochs']} epochs, "
-        f"lr {protocol['lr']}, batch {protocol['batch_size']}, augmentation "
-        f"{protocol['augmentation']}, labels {evaluation['labels']}, seed {evaluation['seed']}\n"
-        f"- created {evaluation['created']}; {versions}\n"
-        + "".join(f"- {key}: {_brief(provenance[key])}\n" for key in provenance
-                  if key not in _PROVENANCE_KEYS)
-        + "\n"
-        "Test accuracy (%) after the final epoch, mean ± std over networks:\n\n"
-        + markdown_table(["model", "accuracy", "networks"], rows) + "\n"
-    )
+        f"test, fingerprint {dataset['fingerprint'][:16]}\n",
+        f"- storage: {storage['size_bytes']} bytes ({storage['storage_ipc']} images per class),"
+        f" decoding to {storage['decoded_ipc']} images per class"
+        + (f" ({storage['decode']['kind']})" if storage["decode"] else "") + "\n",
+    ]
+    lines += [f"- {key}: {_brief(provenance[key])}\n" for key in provenance
+              if key not in _PROVENANCE_KEYS]
+    if evaluation is None:
+        versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+        lines.append(f"- {versions}\n\nNot evaluated (--no-eval); run `ddsuite evaluate "
+                     f"{provenance['artifact']}`.\n")
+    else:
+        protocol = evaluation["protocol"]
+        rows = [[m, format_mean_std(s["mean"], s["std"], 2), len(s["accuracies"])]
+                for m, s in evaluation["scores"].items()]
+        versions = ", ".join(f"{k} {v}" for k, v in evaluation["versions"].items())
+        lines += [
+            f"- protocol {protocol['name']}: {protocol['resolved_epochs']} epochs, "
+            f"lr {protocol['lr']}, batch {protocol['batch_size']}, augmentation "
+            f"{protocol['augmentation']}, labels {evaluation['labels']}, seed "
+            f"{evaluation['seed']}\n",
+            f"- created {evaluation['created']}; {versions}\n\n",
+            "Test accuracy (%) after the final epoch, mean ± std over networks:\n\n",
+            markdown_table(["model", "accuracy", "networks"], rows) + "\n",
+        ]
+    text = "".join(lines)
     write_json(folder / "metrics.json", {**provenance, "evaluation": evaluation})
     write_text(folder / "summary.md", text)
 

@@ -209,6 +209,22 @@ def test_ipc_above_the_smallest_class_names_it(capsys, tmp_path, digits_splits):
     assert code == 0, err
 
 
+def test_no_eval_still_writes_provenance_and_storage_and_says_how_to_evaluate(capsys,
+                                                                              tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, ["distill", "--method", "idc", "--ipc", "1",
+                                          "--iterations", "1", "--set", "inner_loop=1",
+                                          "--no-eval", "--out", out])
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evaluation"] is None and metrics["seed"] == 0
+    assert metrics["storage"]["decode"] == {"kind": "partition-expand", "factor": 2}
+    assert metrics["storage"]["decoded_ipc"] == 4
+    assert metrics["storage"]["size_bytes"] == load_artifact(out).size_bytes()
+    assert "decode to 4 images per class" in stdout
+    assert f"ddsuite evaluate {out}" in (out / "summary.md").read_text()
+
+
 def test_unknown_model_is_reported_before_distilling(capsys, tmp_path):
     """A typo in --models must not cost the whole distillation (nor leave a broken run)."""
     out = tmp_path / "run"
