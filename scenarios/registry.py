@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import import_module, resources
@@ -89,9 +90,24 @@ class LoadedScenario:
     source: str
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, reading exponent floats without a dot (``1e-3``) as numbers, as
+    YAML 1.2 does; YAML 1.1 left them strings, which a learning rate must never be."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -157,7 +173,7 @@ def load_scenario(name_or_path: str, overrides: Sequence[str] = ()) -> LoadedSce
     else:
         raise UnknownNameError("scenario", name_or_path, builtin)
     try:
-        data = yaml.safe_load(text)
+        data = _yaml_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], source=source) from None
     if not isinstance(data, dict):

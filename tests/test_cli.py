@@ -429,3 +429,17 @@ def test_every_shipped_scenario_validates():
     for name in list_scenarios():
         loaded = load_scenario(name)
         assert loaded.config.name == name
+
+
+def test_exponent_numbers_without_a_dot_are_numbers_in_overrides_and_scenario_files(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; a learning rate typed that way must be a float."""
+    from ddsuite.scenarios import apply_overrides
+
+    assert apply_overrides({}, ["lr_images=1e-3", "x.y=-2E+4", "name=1e"]) == {
+        "lr_images": 0.001, "x": {"y": -20000.0}, "name": "1e"}
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nkind: distill-compare\ndataset: {name: digits}\n"
+                    "methods:\n  - name: dm\n    lr_images: 5e-1\nipc: [1]\n")
+    loaded = load_scenario(str(path), ["evaluation.lr=1e-2"])
+    assert loaded.resolved["methods"][0]["lr_images"] == 0.5
+    assert loaded.config.evaluation.lr == 0.01
