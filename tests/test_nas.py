@@ -323,3 +323,29 @@ def test_readme_example_scores_a_user_space_on_a_distilled_proxy():
     namespace: dict = {}
     exec(compile(match.group(1), "README.md", "exec"), namespace)  # noqa: S102
     assert len(namespace["trials"]) == 2 and namespace["best"].score > 10
+
+
+def test_bad_input_found_before_the_report_folder_names_what_is_allowed(tmp_path):
+    """A too-large validation split and a bad distill_model stop the run before anything is
+    written; an unknown strategy is reported alone, without a max_trials complaint."""
+    pytest.importorskip("nni")
+    with pytest.raises(ConfigError) as info:
+        load_scenario("nas-digits", ["search.strategy=bayes"])
+    assert "strategy: 'bayes' is not allowed" in str(info.value)
+    assert "max_trials" not in str(info.value)
+    for override, expected in (("validation_per_class=500",
+                                "validation_per_class 500 would hold out every training "
+                                "image of class"),
+                               ("distill_model=convnet(depth=0)", "depth")):
+        loaded = load_scenario("nas-digits", [*CHEAP_SPACE, override])
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            loaded.kind.run(loaded.config, out_dir=tmp_path / "run", device="cpu",
+                            resolved=loaded.resolved)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_proxy_that_ranked_no_candidate_claims_no_speed_up():
+    from ddsuite.applications.nas.harness import _row
+
+    row = _row([], {}, {"a": 90.0}, search_seconds=5.0, real_seconds=100.0, proxy=None)
+    assert row["ranked"] == 0 and row["speedup"] is None and row["speedup_with_making"] is None

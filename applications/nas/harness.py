@@ -35,6 +35,7 @@ from ddsuite.core.data import load_dataset
 from ddsuite.core.device import device_problems, resolve_device
 from ddsuite.core.engine import prepare_out_dir, scenario_status
 from ddsuite.core.errors import ConfigError
+from ddsuite.core.evaluation import EvaluationProtocol
 from ddsuite.core.methods import config_from_dict, get_method, list_methods
 from ddsuite.core.provenance import library_versions, timestamp
 from ddsuite.core.report import markdown_table
@@ -139,7 +140,8 @@ class SearchSpec:
         if self.strategy not in _STRATEGIES:
             out.append(f"strategy: {self.strategy!r} is not allowed; allowed: "
                        f"{', '.join(_STRATEGIES)}")
-        if self.strategy != "grid" and (self.max_trials is None or self.max_trials < 1):
+        if (self.strategy in _STRATEGIES and self.strategy != "grid"
+                and (self.max_trials is None or self.max_trials < 1)):
             out.append(f"max_trials: a {self.strategy} search needs max_trials >= 1, "
                        f"got {self.max_trials}")
         if not 1 <= self.sample_size <= self.population_size:
@@ -289,6 +291,7 @@ def run_nas_proxy(scenario: NasProxyScenario, *, out_dir: Path, device: str | No
             logger.warning("proxy %r holds %d images per class, the made proxies %d; their "
                            "sizes differ", proxy.name, proxy.meta["ipc"], scenario.ipc)
     search_splits.train.check_ipc(scenario.ipc)
+    _check_proxy_models(scenario, image_shape=image_shape, num_classes=classes)
     gt_spec = scenario.ground_truth
     subset = None
     if gt_spec.images_per_class is not None:
@@ -405,6 +408,19 @@ def run_nas_proxy(scenario: NasProxyScenario, *, out_dir: Path, device: str | No
         return summary
 
 
+def _check_proxy_models(scenario: NasProxyScenario, *, image_shape: tuple[int, ...],
+                        num_classes: int) -> None:
+    """Build the model of every proxy that distils with one, so a bad spec (distill_model,
+    say) stops the run before anything is made or written."""
+    for entry in scenario.proxies:
+        if "method" not in entry or entry["method"] == "full":
+            continue
+        model = scenario.method_options(entry).get("model")
+        if model is not None:
+            EvaluationProtocol(models=(model,)).check_models(image_shape=image_shape,
+                                                             num_classes=num_classes)
+
+
 def _row(trials, memo, real_test: dict[str, float | None], *, search_seconds: float,
          real_seconds: float, proxy: ProxySet | None, real_images: int = 0) -> dict[str, Any]:
     """The metrics of one proxy (or of the real data when `proxy` is None)."""
@@ -427,9 +443,10 @@ def _row(trials, memo, real_test: dict[str, float | None], *, search_seconds: fl
         "search_trials": len(trials),
         "search_seconds": search_seconds,
         "make_seconds": make,
-        "speedup": real_seconds / search_seconds if search_seconds > 0 else None,
+        # A proxy that ranked no candidate searched nothing: it has no speed-up.
+        "speedup": real_seconds / search_seconds if ranked and search_seconds > 0 else None,
         "speedup_with_making": (real_seconds / (search_seconds + make)
-                                if search_seconds + make > 0 else None),
+                                if ranked and search_seconds + make > 0 else None),
         "scores": {k: {"score": r.score, "accuracies": r.accuracies, "seconds": r.seconds,
                        "failed": r.failed} for k, r in memo.items()},
     }

@@ -125,7 +125,12 @@ def hold_out(splits: DatasetSplits, *, per_class: int, seed: int
         ``num_train`` updated), and the validation ``(images, labels)``.
     """
     train = splits.train
-    train.check_ipc(per_class + 1)  # at least one image per class must stay for training
+    counts = train.class_counts
+    smallest = min(range(len(counts)), key=counts.__getitem__)
+    if per_class >= counts[smallest]:  # at least one image per class must stay for training
+        raise ConfigError([f"validation_per_class {per_class} would hold out every training "
+                           f"image of class {smallest} ({counts[smallest]} images); allowed: "
+                           f"1..{counts[smallest] - 1}"])
     generator = torch.Generator().manual_seed(seed)
     held = torch.zeros(len(train), dtype=torch.bool)
     for indices in train.class_index:
