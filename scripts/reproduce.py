@@ -95,7 +95,7 @@ BUDGETS = {
             ("tesla", "*"): TRAJECTORY_CPU,
             ("haba", "*"): TRAJECTORY_CPU,
             ("kip", "*"): {"iterations": 100},
-            ("rfad", "*"): {"iterations": 100},
+            ("rfad", "*"): {"iterations": 50, "num_models": 2, "batch_real": 16},
             ("frepo", "*"): {"iterations": 100},
             ("dd", "*"): {"iterations": 50},
             ("sre2l", "*"): {"iterations": 200, "squeeze_steps": 500},
