@@ -571,3 +571,14 @@ def test_cli_distill_of_a_private_method_reports_its_budget(tmp_path, caplog):
 def test_dp_dm_defaults_to_an_image_lr_suited_to_clipped_embeddings():
     assert DPDMConfig().resolve(dataset="mnist").lr_images == 100.0
     assert DPDMConfig(lr_images=2.0).resolve(dataset="mnist").lr_images == 2.0
+
+
+def test_a_budget_set_inside_dp_sgd_is_refused_not_silently_replaced():
+    from ddsuite.scenarios.registry import load_scenario
+
+    with pytest.raises(ConfigError) as info:
+        load_scenario("privacy-digits", ["dp_sgd.epsilon=3", "dp_sgd.accountant=prv"])
+    text = str(info.value)
+    assert "dp_sgd: epsilon, accountant come from the top level" in text
+    assert "epsilons, delta, accountant" in text
+    load_scenario("privacy-digits", ["dp_sgd.clip_norm=2.0"])  # its own options stay its own

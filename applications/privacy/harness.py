@@ -206,6 +206,14 @@ class PrivacyScenario:
                        "dp-dc")
         out.extend(f"dp_sgd.{p}" for p in self.dp_sgd.problems()
                    if not p.startswith(("epsilon", "delta")))
+        defaults = DPSGDConfig()
+        moved = [name for name, top in (("epsilon", "epsilons"), ("delta", "delta"),
+                                        ("accountant", "accountant"))
+                 if getattr(self.dp_sgd, name) != getattr(defaults, name)]
+        if moved:  # the top-level budget would silently replace them
+            out.append(f"dp_sgd: {', '.join(moved)} come from the top level of the scenario "
+                       "(epsilons, delta, accountant), which every private target shares; "
+                       "remove them from dp_sgd")
         if isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 31:
             out.append(f"seed: expected an integer in 0..{2 ** 31 - 1}, got {self.seed!r}")
         out.extend(device_problems(self.device))
