@@ -443,3 +443,27 @@ def test_exponent_numbers_without_a_dot_are_numbers_in_overrides_and_scenario_fi
     loaded = load_scenario(str(path), ["evaluation.lr=1e-2"])
     assert loaded.resolved["methods"][0]["lr_images"] == 0.5
     assert loaded.config.evaluation.lr == 0.01
+
+
+def test_sigterm_marks_the_run_interrupted_and_keeps_its_checkpoint(tmp_path):
+    """A scheduler's SIGTERM unwinds like Ctrl-C: run.json says interrupted, not running."""
+    import signal
+    import time
+
+    script = Path(sys.executable).parent / "ddsuite"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(script), "distill", "--method", "dm", "--ipc", "1",
+                             "--iterations", "100000", "--checkpoint-every", "5", "--no-eval",
+                             "--out", "run"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.monotonic() + 60
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated; the last checkpoint" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
+    assert checkpoint.exists()
