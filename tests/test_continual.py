@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,6 +57,9 @@ def test_split_deals_every_class_once_in_a_seeded_order(digits_splits, split_dig
     other = make_benchmark(digits_splits, kind="split", n_experiences=5, seed=1)
     assert again.class_order == split_digits.class_order
     assert other.class_order != split_digits.class_order
+    numpy_seed = make_benchmark(digits_splits, kind="split", n_experiences=5, seed=np.int64(0))
+    assert numpy_seed.class_order == split_digits.class_order
+    assert type(numpy_seed.to_dict()["seed"]) is int  # JSON-ready provenance
     assert split_digits.to_dict()["dataset"]["fingerprint"] == \
         digits_splits.identity.fingerprint
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ def make_benchmark(splits: DatasetSplits, *, kind: str = "split", n_experiences:
     problems = []
     if kind not in BENCHMARK_KINDS:
         problems.append(f"kind {kind!r} is not one of {', '.join(BENCHMARK_KINDS)}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2 ** 63:
         problems.append(f"seed must be an integer in 0..2**63-1, got {seed!r}")
     if isinstance(n_experiences, bool) or not isinstance(n_experiences, int) \
             or n_experiences < 1:
@@ -113,6 +114,7 @@ def make_benchmark(splits: DatasetSplits, *, kind: str = "split", n_experiences:
     if problems:
         raise ConfigError(problems, source="continual benchmark")
 
+    seed = int(seed)  # numpy integers too
     generator = torch.Generator().manual_seed(seed)
     train, test = splits.train, splits.test
     images_train, images_test = train.images.cpu(), test.images.cpu()

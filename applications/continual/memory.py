@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from numbers import Integral
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +132,7 @@ class CondensedBuffer(ExemplarsBuffer):
                  dataset_name: str = "experience", task_free: bool = True,
                  cache: CondensationCache | None = None):
         problems = []
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, Integral):  # numpy ints too
             problems.append(f"seed must be an integer, got {seed!r}")
         problems.extend(device_problems(str(device)))
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
@@ -169,7 +170,7 @@ class CondensedBuffer(ExemplarsBuffer):
         self.method = method
         self.method_config = options
         self.total_num_groups = total_num_groups
-        self.seed = seed
+        self.seed = int(seed)
         self.device = resolve_device(str(device))
         self.input_space = input_space
         self.dataset_name = dataset_name
