@@ -8,7 +8,11 @@ from typing import Any
 __all__ = ["format_mean_std", "markdown_table"]
 
 
-def format_mean_std(mean: float, std: float, digits: int = 1) -> str:
+def format_mean_std(mean: float, std: float, digits: int = 1, *, n: int | None = None) -> str:
+    """``mean ± std``; with `n` = 1 (one seed or network) there is no spread to show, and the
+    text says so instead of printing ± 0."""
+    if n == 1:
+        return f"{mean:.{digits}f} (n=1)"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 

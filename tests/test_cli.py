@@ -467,3 +467,10 @@ def test_sigterm_marks_the_run_interrupted_and_keeps_its_checkpoint(tmp_path):
     assert "terminated; the last checkpoint" in err and "Traceback" not in err
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
     assert checkpoint.exists()
+
+
+def test_one_seed_shows_no_invented_spread():
+    from ddsuite.core.report import format_mean_std
+
+    assert format_mean_std(96.634, 0.0, 2, n=1) == "96.63 (n=1)"
+    assert format_mean_std(96.634, 0.5, 2, n=3) == "96.63 ± 0.50"

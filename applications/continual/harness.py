@@ -427,7 +427,7 @@ def _aggregate(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, An
             for key in ("final_average_accuracy", "stream_accuracy", "forgetting", "bwt",
                         "condense_seconds", "train_seconds", "memory_images", "memory_bytes"):
                 mean, std = mean_std([float(r[key]) for r in seed_runs])
-                entry[key] = {"mean": mean, "std": std}
+                entry[key] = {"mean": mean, "std": std, "n": len(seed_runs)}
             entry["average_after_each"] = _average_after_each(mean_matrix)
             out.setdefault(policy, {})[protocol] = entry
     return out
@@ -440,7 +440,8 @@ def _summary(scenario: ContinualScenario, splits, results: dict[str, Any]) -> st
             r = by_protocol[protocol]
 
             def pct(key: str) -> str:
-                return format_mean_std(100 * r[key]["mean"], 100 * r[key]["std"])
+                return format_mean_std(100 * r[key]["mean"], 100 * r[key]["std"],
+                                       n=r[key]["n"])
 
             rows.append([protocol, policy, pct("final_average_accuracy"), pct("forgetting"),
                          pct("bwt"), f"{r['memory_images']['mean']:.0f}",

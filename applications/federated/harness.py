@@ -303,7 +303,7 @@ def _aggregate(results: dict[str, dict[str, Any]]) -> None:
             runs = entry["runs"]
             for key in ("final_accuracy", "bytes_up", "bytes_down", "total_bytes"):
                 mean, std = mean_std([float(r[key]) for r in runs])
-                entry[key] = {"mean": mean, "std": std}
+                entry[key] = {"mean": mean, "std": std, "n": len(runs)}
             n = len(runs[0]["rounds"])
             entry["accuracy_per_round"] = [
                 sum(r["rounds"][i]["accuracy"] for r in runs) / len(runs) for i in range(n)]
@@ -357,7 +357,8 @@ def _summary(scenario: FederatedScenario, splits, results: dict[str, Any]) -> st
         for name, r in by_method.items():
             rows.append([setting, name, len(r["accuracy_per_round"]),
                          format_mean_std(100 * r["final_accuracy"]["mean"],
-                                         100 * r["final_accuracy"]["std"], digits=2),
+                                         100 * r["final_accuracy"]["std"], digits=2,
+                                         n=r["final_accuracy"]["n"]),
                          f"{r['bytes_up']['mean'] / 2**20:.3f}",
                          f"{r['bytes_down']['mean'] / 2**20:.3f}",
                          f"{r['total_bytes']['mean'] / 2**20:.3f}"])
