@@ -57,9 +57,13 @@ def saved(tmp_path, digits_splits) -> Path:
     return save(tmp_path / "set", digits_splits)
 
 
-def _rewrite_meta(folder: Path, **changes) -> None:
+def _rewrite_meta(folder: Path, *, seal: bool = True, **changes) -> None:
+    """Edit artifact.json; with `seal`, also record the edited description's digest (a
+    consistent forgery, so the checks behind the seal are exercised)."""
     meta = json.loads((folder / META_FILE).read_text())
     meta.update(changes)
+    if seal:
+        meta["meta_sha256"] = artifact_module._meta_digest(meta)
     (folder / META_FILE).write_text(json.dumps(meta))
 
 
@@ -216,6 +220,11 @@ DAMAGE = {
     "missing fields": (
         lambda f: (f / META_FILE).write_text(json.dumps({"format": ARTIFACT_FORMAT})),
         r"lacks required fields: method"),
+    "edited description": (lambda f: _rewrite_meta(f, seal=False, method="other"),
+                           r"edited after the artifact was written.*meta_sha256"),
+    "edited decode record": (
+        lambda f: _rewrite_meta(f, seal=False, decode={"kind": "partition-expand", "factor": 2}),
+        r"edited after the artifact was written"),
     "more ipc than tensors": (lambda f: _rewrite_meta(f, ipc=IPC + 1), r"shapes.*do not match"),
     "fewer classes": (lambda f: _rewrite_meta(f, num_classes=5), r"shapes.*do not match"),
     "fewer images": (
@@ -312,9 +321,7 @@ def test_parameterised_set_decodes_for_evaluation_and_reports_its_size(tmp_path,
     quarter = torch.nn.functional.interpolate(artifact.images_syn[:1, :, :4, :4], size=(8, 8),
                                               mode="bilinear", align_corners=False)
     assert torch.allclose(images[0], quarter[0])
-    meta = json.loads((tmp_path / "idm" / "artifact.json").read_text())
-    meta["decode"] = {"kind": "partition-expand", "factor": 3}
-    (tmp_path / "idm" / "artifact.json").write_text(json.dumps(meta))
+    _rewrite_meta(tmp_path / "idm", decode={"kind": "partition-expand", "factor": 3})
     with pytest.raises(ArtifactError, match="factor 3 does not divide the image size 8x8"):
         load_artifact(tmp_path / "idm")
 
@@ -323,9 +330,10 @@ def test_edited_label_and_decode_fields_are_refused(tmp_path, digits_splits):
     distill("random", splits=digits_splits, seed=0, out_dir=tmp_path / "set",
             config={"ipc": 1, "features": "pixels"}, checkpoint_every=0)
     meta_path = tmp_path / "set" / "artifact.json"
-    original = json.loads(meta_path.read_text())
+    original = meta_path.read_text()
     for field, value, message in (("labels", "soft", "no labels_soft"),
                                   ("decoded_ipc", 9, "decoded_ipc 9 does not match")):
-        meta_path.write_text(json.dumps({**original, field: value}))
+        meta_path.write_text(original)
+        _rewrite_meta(tmp_path / "set", **{field: value})  # sealed: the checks behind it
         with pytest.raises(ArtifactError, match=message):
             load_artifact(tmp_path / "set")

@@ -118,6 +118,18 @@ class Artifact:
                           self.tensors)
 
 
+# The fields that say what the stored tensors are and how they decode; their digest is kept
+# beside them, so an edit of artifact.json is caught like an edit of the tensors (metrics and
+# evaluations may be appended later and are not covered).
+_SEALED_META = ("method", "config", "seed", "ipc", "decode", "decoded_ipc", "num_classes",
+                "image_shape", "labels", "dataset", "input_space", "tensors_sha256")
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    sealed = {key: meta.get(key) for key in _SEALED_META}
+    return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -189,6 +201,7 @@ def save_artifact(
         "tensors_sha256": _sha256(folder / TENSORS_FILE),
         **(extra or {}),
     }
+    meta["meta_sha256"] = _meta_digest(meta)
     write_json(folder / META_FILE, meta)
     return folder
 
@@ -235,6 +248,10 @@ def _read_meta(folder: Path) -> dict[str, Any]:
                             "numeric epsilon")
     if not isinstance(meta.get("metrics", {}), dict):
         raise ArtifactError(f"{meta_path}: metrics must be a JSON object")
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+        raise ArtifactError(
+            f"{meta_path} was edited after the artifact was written: its description of the "
+            f"set ({', '.join(_SEALED_META)}) no longer matches its meta_sha256")
     return meta
 
 
