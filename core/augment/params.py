@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_STRATEGY",
     "NO_FLIP_DATASETS",
     "AugmentParams",
+    "MNIST_FAMILY",
     "dataset_key",
     "default_strategy",
     "strategy_for_dataset",
@@ -24,9 +25,11 @@ __all__ = [
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 """The published DSA strategy: every op, one picked at random per call in `single` mode."""
 
-NO_FLIP_DATASETS = frozenset(
-    {"digits", "mnist", "fashionmnist", "svhn", "usps", "emnist", "kmnist", "qmnist"}
-)
+MNIST_FAMILY = frozenset({"mnist", "fashionmnist", "usps", "emnist", "kmnist", "qmnist"})
+"""28x28 (USPS 16x16) grey digit and character sets, by `dataset_key`; methods whose released
+settings treat them alike (IDC, trajectory matching) look them up here."""
+
+NO_FLIP_DATASETS = MNIST_FAMILY | {"digits", "svhn"}
 """Datasets (names normalised by `dataset_key`) that are distilled without horizontal flips.
 
 A mirrored digit or character is not a member of its class: a flipped "2" or "7" is a glyph

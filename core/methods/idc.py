@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..augment import DiffAugment, dataset_key, strategy_for_dataset
+from ..augment import MNIST_FAMILY, DiffAugment, dataset_key, strategy_for_dataset
 from ..errors import ConfigError
 from ..evaluation import EvaluationProtocol
 from ..synthetic import SyntheticSet
@@ -52,7 +52,7 @@ from .multiformation import MultiFormation
 __all__ = ["IDC", "IDCConfig"]
 
 # The MNIST family: l1 matching and no cutout with multi-formation in the released settings.
-DIGIT_DATASETS = frozenset({"mnist", "fashionmnist", "kmnist", "emnist", "qmnist", "digits"})
+DIGIT_DATASETS = MNIST_FAMILY | {"digits"}
 # Released image learning rates at IPC 10, per distance; scaled by ipc / 10.
 LR_IMAGES_AT_IPC10 = {"mse": 5e-3, "l1": 1e-4}
 

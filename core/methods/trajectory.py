@@ -42,7 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..augment import AugmentDraw, DiffAugment, dataset_key, strategy_for_dataset
+from ..augment import (
+    MNIST_FAMILY,
+    AugmentDraw,
+    DiffAugment,
+    dataset_key,
+    strategy_for_dataset,
+)
 from ..errors import ConfigError, MemoryEstimateError, NonFiniteError
 from ..evaluation import EvaluationProtocol
 from ..experts import ExpertSpec, ExpertTrajectories, get_experts
@@ -113,7 +119,6 @@ DIGIT_SETTINGS: dict[str, dict[int, dict[str, float]]] = {
     "mnist": {ipc: {**row, "lr_images": 10}
               for ipc, row in PUBLISHED_SETTINGS["cifar10"].items()},
 }
-MNIST_FAMILY = frozenset({"mnist", "fashionmnist", "kmnist", "emnist", "qmnist", "usps"})
 PUBLISHED_ITERATIONS = 5000
 PUBLISHED_STEP_SIZE = 0.01
 _INTEGER_SETTINGS = ("syn_steps", "expert_epochs", "max_start_epoch")
