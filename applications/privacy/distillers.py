@@ -49,7 +49,7 @@ from .accounting import (
 )
 from .errors import PrivacyBudgetError, UnaccountedReleaseError
 from .inputs import input_space_problems, normalisation_record
-from .mechanism import clip_per_sample, noisy_class_sums, poisson_sample
+from .mechanism import clip_per_sample, gaussian_noise, noisy_class_sums, poisson_sample
 from .models import check_private_model
 
 __all__ = ["DPDCConfig", "DPDMConfig", "PrivateDC", "PrivateDM", "PrivacyOptions"]
@@ -315,9 +315,7 @@ class PrivateDC(_PrivateDistiller, GradientMatchingBase):
             x, y = real[lo:lo + _GRAD_CHUNK], labels[lo:lo + _GRAD_CHUNK]
             clipped = clip_per_sample(per_sample_gradients(net, x, y), clip)  # (b, P)
             sums.index_add_(0, y, clipped)
-        noisy = noisy_class_sums(torch.zeros(0, total, device=self.device),
-                                 labels[:0], num_classes=classes, noise_std=self.noise_std,
-                                 generator=generator) + sums
+        noisy = sums + gaussian_noise(sums, noise_std=self.noise_std, generator=generator)
         mean = noisy / self.expected_per_class  # (classes, P)
         parts = torch.split(mean, [s.numel() for s in shapes], dim=1)
         return {n: p.reshape(classes, *s) for n, p, s in zip(names, parts, shapes)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["clip_per_sample", "noisy_class_sums", "poisson_sample"]
+__all__ = ["clip_per_sample", "gaussian_noise", "noisy_class_sums", "poisson_sample"]
 
 _CLIP_EPS = 1e-6
 
@@ -56,6 +56,12 @@ def noisy_class_sums(clipped: Tensor, labels: Tensor, *, num_classes: int, noise
     sums = torch.zeros(num_classes, clipped.shape[1], device=clipped.device,
                        dtype=clipped.dtype)
     sums.index_add_(0, labels, clipped)
-    noise = torch.randn(sums.shape, generator=generator, device=generator.device,
-                        dtype=sums.dtype)
-    return sums + noise_std * noise.to(sums.device)
+    return sums + gaussian_noise(sums, noise_std=noise_std, generator=generator)
+
+
+def gaussian_noise(like: Tensor, *, noise_std: float, generator: torch.Generator) -> Tensor:
+    """Gaussian noise of standard deviation `noise_std`, shaped like `like` and on its device
+    and dtype (drawn where the generator lives, then moved)."""
+    noise = torch.randn(like.shape, generator=generator, device=generator.device,
+                        dtype=like.dtype)
+    return noise_std * noise.to(like.device)
