@@ -278,3 +278,18 @@ def test_a_haba_upload_carries_its_hallucinators_and_counts_their_bytes(haba_run
     assert back.decode == payload.decode and back.num_bytes == payload.num_bytes
     for key, value in decoder.items():
         assert torch.equal(back.decoder[key], value)
+
+
+def test_decoding_hallucinations_leaves_the_global_rng_alone():
+    """Evaluation decodes sets between seeded steps; rebuilding the hallucinators must not
+    consume random numbers (the throwaway initialisation runs on a forked RNG)."""
+    module = Hallucinators(2, image_channels=1, channels=3)
+    tensors = {"images_syn": torch.randn(10, 1, 8, 8), **module.tensors()}
+    decode = {"kind": "hallucinate", "count": 2, "channels": 3}
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    images, _, _ = decode_set(tensors["images_syn"], torch.arange(10), decode=decode,
+                              tensors=tensors)
+    assert torch.equal(torch.rand(3), expected)
+    torch.testing.assert_close(images, module(tensors["images_syn"]).detach())
