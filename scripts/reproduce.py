@@ -42,6 +42,7 @@ from ddsuite.core.engine import FinalEvaluation, ProgressBar, distill
 from ddsuite.core.methods import get_method
 from ddsuite.core.provenance import library_versions, timestamp
 from ddsuite.core.report import format_mean_std, markdown_table
+from ddsuite.scenarios import apply_overrides
 
 MNIST = {
     ("random", 1): 64.9, ("random", 10): 95.1,
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--ipc", default=None,
                         help="comma-separated IPCs (default: 1,10 on MNIST, 1,10,50 on CIFAR-10)")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="override one method option of the budget, e.g. "
+                             "mtt.expert_epochs_train=3 (repeatable; recorded in metrics.json)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None,
@@ -135,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        method, dot, option = key.partition(".")
+        if not sep or not dot or method not in methods:
+            parser.error(f"--set {item!r}: expected METHOD.KEY=VALUE with METHOD one of "
+                         f"{', '.join(methods)}")
+        overrides.setdefault(method, {}).update(apply_overrides({}, [f"{option}={value}"]))
     table = DATASETS[args.dataset]
     ipcs = [int(v) for v in (args.ipc or table["ipcs"]).split(",")]
     device = resolve_device(args.device)
@@ -158,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, records = [], []
     for ipc in ipcs:
         for method in methods:
-            options = {**_options(args.budget, method, ipc), "ipc": ipc}
+            options = {**_options(args.budget, method, ipc), **overrides.get(method, {}),
+                       "ipc": ipc}
             config = get_method(method).Config(**options).resolve(dataset=dataset)
             protocol = get_method(method).eval_protocol(config).with_overrides(
                 num_eval=budget["num_eval"], epochs=budget["epochs"])
