@@ -6,6 +6,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -241,7 +242,7 @@ def _write_evaluation_report(folder: Path, evaluation: dict | None, *,
     if evaluation is None:
         versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
         lines.append(f"- {versions}\n\nNot evaluated (--no-eval); run `ddsuite evaluate "
-                     f"{provenance['artifact']}`.\n")
+                     f"{shlex.quote(provenance['artifact'])}`.\n")
     else:
         protocol = evaluation["protocol"]
         rows = [[m, format_mean_std(s["mean"], s["std"], 2), len(s["accuracies"])]

@@ -225,6 +225,10 @@ DAMAGE = {
     "edited decode record": (
         lambda f: _rewrite_meta(f, seal=False, decode={"kind": "partition-expand", "factor": 2}),
         r"edited after the artifact was written"),
+    "edited protocol": (lambda f: _rewrite_meta(f, seal=False, protocol={"lr": 5.0}),
+                        r"edited after the artifact was written"),
+    "edited size": (lambda f: _rewrite_meta(f, seal=False, size_bytes=10),
+                    r"edited after the artifact was written"),
     "more ipc than tensors": (lambda f: _rewrite_meta(f, ipc=IPC + 1), r"shapes.*do not match"),
     "fewer classes": (lambda f: _rewrite_meta(f, num_classes=5), r"shapes.*do not match"),
     "fewer images": (
@@ -337,3 +341,17 @@ def test_edited_label_and_decode_fields_are_refused(tmp_path, digits_splits):
         _rewrite_meta(tmp_path / "set", **{field: value})  # sealed: the checks behind it
         with pytest.raises(ArtifactError, match=message):
             load_artifact(tmp_path / "set")
+
+
+def test_an_artifact_without_its_seal_loads_with_a_warning(saved, caplog):
+    meta = json.loads((saved / META_FILE).read_text())
+    del meta["meta_sha256"]
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        load_artifact(saved)
+    assert "carries no meta_sha256" in caplog.text
+
+
+def test_appending_metrics_keeps_the_seal(saved):
+    update_metrics(saved, {"evaluations": [{"accuracy": 50.0}]})
+    assert load_artifact(saved).meta["metrics"]["evaluations"][0]["accuracy"] == 50.0

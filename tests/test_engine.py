@@ -55,7 +55,8 @@ def cheap(method: str) -> dict:
         fields.discard("iterations")  # one-shot selections refuse an iteration count
     options = {"ipc": 1, "iterations": 3, "batch_real": 8, "model": "convnet(width=16)",
                # trajectory matching: one short expert, trained in memory, never cached
-               "num_experts": 1, "expert_epochs_train": 4, "syn_steps": 3, "experts_dir": "none"}
+               "num_experts": 1, "expert_epochs_train": 4, "syn_steps": 3, "max_start_epoch": 2,
+               "experts_dir": "none"}
     return {k: v for k, v in options.items() if k in fields}
 
 
@@ -465,3 +466,33 @@ def test_input_space_check_names_class_and_normalisation_changes(zca_artifact, d
     with pytest.raises(InputSpaceMismatchError) as info:
         check_input_space(meta, digits_zca)
     assert "7 classes" in str(info.value) and "mean" in str(info.value)
+
+
+class _InterruptAtEnd(Callback):
+    def on_end(self, ctx) -> None:
+        raise KeyboardInterrupt
+
+
+class _CountSteps(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step(self, ctx, metrics) -> None:
+        self.steps += 1
+
+
+def test_an_interruption_in_the_final_callbacks_resumes_after_the_last_iteration(
+        tmp_path, digits_splits):
+    """A long final evaluation stopped by Ctrl-C or SIGTERM must not cost the iterations."""
+    out = tmp_path / "run"
+    config = {**DM, "iterations": 3}
+    with pytest.raises(KeyboardInterrupt):
+        distill("dm", splits=digits_splits, config=config, seed=5, out_dir=out,
+                checkpoint_every=100, callbacks=[_InterruptAtEnd()])
+    assert _checkpoint(out)["iteration"] == 3 and not (out / META_FILE).exists()
+    counter = _CountSteps()
+    resumed = distill("dm", splits=digits_splits, config=config, seed=5, out_dir=out,
+                      checkpoint_every=100, resume=True, callbacks=[counter])
+    whole = distill("dm", splits=digits_splits, config=config, seed=5)
+    assert counter.steps == 0 and load_artifact(out).meta["iterations"] == 3
+    torch.testing.assert_close(resumed.syn.images_syn, whole.syn.images_syn, rtol=0, atol=0)

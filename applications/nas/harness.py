@@ -417,8 +417,13 @@ def _check_proxy_models(scenario: NasProxyScenario, *, image_shape: tuple[int, .
             continue
         model = scenario.method_options(entry).get("model")
         if model is not None:
-            EvaluationProtocol(models=(model,)).check_models(image_shape=image_shape,
-                                                             num_classes=num_classes)
+            try:
+                EvaluationProtocol(models=(model,)).check_models(image_shape=image_shape,
+                                                                 num_classes=num_classes)
+            except ConfigError as exc:
+                raise ConfigError(exc.problems, source=f"the model of proxy "
+                                  f"{scenario.proxy_label(entry)!r} (distill_model or its "
+                                  "model option)") from None
 
 
 def _row(trials, memo, real_test: dict[str, float | None], *, search_seconds: float,

@@ -211,7 +211,8 @@ class PrivacyScenario:
                                         ("accountant", "accountant"))
                  if getattr(self.dp_sgd, name) != getattr(defaults, name)]
         if moved:  # the top-level budget would silently replace them
-            out.append(f"dp_sgd: {', '.join(moved)} come from the top level of the scenario "
+            out.append(f"dp_sgd: {', '.join(moved)} {'comes' if len(moved) == 1 else 'come'} "
+                       "from the top level of the scenario "
                        "(epsilons, delta, accountant), which every private target shares; "
                        "remove them from dp_sgd")
         if isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 31:

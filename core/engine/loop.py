@@ -382,6 +382,11 @@ def _run_loop(distiller: Distiller, *, method: str, splits: DatasetSplits,
                         and ctx.iteration % checkpoint_every == 0):
                     _save_checkpoint(out, ctx, key)
             ctx.metrics["distill_seconds"] = time.perf_counter() - start
+            if (out is not None and checkpoint_every > 0 and ctx.iterations > 0
+                    and ctx.iteration % checkpoint_every):
+                # The end callbacks (a final evaluation) can take long: an interruption
+                # there resumes after the last iteration, not from the start.
+                _save_checkpoint(out, ctx, key)
             for callback in callbacks:
                 callback.on_end(ctx)
         except BaseException as exc:

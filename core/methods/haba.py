@@ -26,6 +26,7 @@ initial step size on CIFAR-10 with ZCA; ddsuite keeps MTT's).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,8 @@ from .config import option
 from .trajectory import MTTConfig, TrajectoryMatching, unrolled_matching_loss
 
 __all__ = ["HaBa", "HaBaConfig"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -86,6 +89,13 @@ class HaBa(TrajectoryMatching):
               "(Liu et al. 2022)"
     Config = HaBaConfig
     recompute = False  # the unroll keeps its graph, so the hallucinators get their gradient
+
+    def __init__(self, config: HaBaConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        if config.hallucinators == 1:
+            logger.warning("haba with one hallucinator decodes each base to one image: the set "
+                           "stores more than plain images for nothing, and diversity_weight "
+                           "has no pair to act on; use 2 or more, or mtt")
 
     def decoded_per_stored(self) -> int:
         return self.config.hallucinators

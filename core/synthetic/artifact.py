@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ __all__ = [
     "save_artifact",
     "update_metrics",
 ]
+
+logger = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "ddsuite.distilled-set/1"
 TENSORS_FILE = "synthetic.safetensors"
@@ -118,15 +121,15 @@ class Artifact:
                           self.tensors)
 
 
-# The fields that say what the stored tensors are and how they decode; their digest is kept
-# beside them, so an edit of artifact.json is caught like an edit of the tensors (metrics and
-# evaluations may be appended later and are not covered).
-_SEALED_META = ("method", "config", "seed", "ipc", "decode", "decoded_ipc", "num_classes",
-                "image_shape", "labels", "dataset", "input_space", "tensors_sha256")
+# Everything artifact.json says about the set (method, config, seed, decode, storage, the
+# protocol with MTT's learned step size, provenance) is sealed by a digest kept beside it, so
+# an edit is caught like an edit of the tensors; only `metrics`, where evaluations are
+# appended later, is left open.
+_UNSEALED_META = ("metrics", "meta_sha256")
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
-    sealed = {key: meta.get(key) for key in _SEALED_META}
+    sealed = {key: value for key, value in meta.items() if key not in _UNSEALED_META}
     return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -248,10 +251,14 @@ def _read_meta(folder: Path) -> dict[str, Any]:
                             "numeric epsilon")
     if not isinstance(meta.get("metrics", {}), dict):
         raise ArtifactError(f"{meta_path}: metrics must be a JSON object")
-    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+    if "meta_sha256" not in meta:
+        logger.warning("%s carries no meta_sha256 (written before ddsuite sealed artifact "
+                       "descriptions, or the seal was removed): its fields cannot be checked; "
+                       "re-distil or re-save the set to seal it", meta_path)
+    elif meta["meta_sha256"] != _meta_digest(meta):
         raise ArtifactError(
-            f"{meta_path} was edited after the artifact was written: its description of the "
-            f"set ({', '.join(_SEALED_META)}) no longer matches its meta_sha256")
+            f"{meta_path} was edited after the artifact was written: its fields (everything "
+            f"but metrics) no longer match its meta_sha256")
     return meta
 
 
