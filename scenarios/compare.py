@@ -6,6 +6,7 @@ evaluation protocol, so the numbers in the table are comparable with each other.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from ddsuite.core.evaluation import EvaluationProtocol, mean_std
 from ddsuite.core.methods import config_from_dict, get_method, list_methods
 from ddsuite.core.provenance import library_versions, timestamp
 from ddsuite.core.report import format_mean_std, markdown_table
+from ddsuite.core.synthetic import META_FILE
 
 from .registry import ScenarioKind, register_scenario_kind, scenario_name_problems
 
@@ -142,15 +144,25 @@ def run_compare(scenario: CompareScenario, *, out_dir: Path, device: str | None 
                                        for m, s in evaluation.items())
                     print(f"{label}: {scores}")
                 mean, std = mean_std(accuracies)
+                stored = json.loads((out_dir / "sets" / label / META_FILE).read_text())
                 results.setdefault(name, {})[ipc] = {
                     "mean": mean, "std": std, "accuracies": accuracies,
                     "distill_seconds": seconds / len(scenario.seeds),
+                    "storage_ipc": stored["storage_ipc"], "decoded_ipc": stored["decoded_ipc"],
                 }
 
         headers = ["method"] + [f"IPC {ipc}" for ipc in scenario.ipc]
         rows = [[name] + [format_mean_std(by_ipc[ipc]["mean"], by_ipc[ipc]["std"])
                           for ipc in scenario.ipc] for name, by_ipc in results.items()]
         table = markdown_table(headers, rows)
+        # Sets compared at one IPC may store and decode to different amounts.
+        storage = "".join(
+            f"- {name} at IPC {ipc} stores {r['storage_ipc']:g} images per class (in bytes) "
+            f"and trains networks on {r['decoded_ipc']} per class.\n"
+            for name, by_ipc in results.items() for ipc, r in by_ipc.items()
+            if r["decoded_ipc"] != ipc or r["storage_ipc"] > ipc * 1.05)
+        if storage:
+            table += "\nNot every set has the size its IPC suggests:\n\n" + storage
         models = ", ".join(protocol.models)
         summary = (
             f"# {scenario.name}\n\n{scenario.description.strip()}\n\n"

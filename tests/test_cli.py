@@ -474,3 +474,14 @@ def test_one_seed_shows_no_invented_spread():
 
     assert format_mean_std(96.634, 0.0, 2, n=1) == "96.63 (n=1)"
     assert format_mean_std(96.634, 0.5, 2, n=3) == "96.63 ± 0.50"
+
+
+def test_a_comparison_says_when_a_set_is_bigger_than_its_ipc(capsys, tmp_path):
+    methods = "methods=[{name: random}, {name: idc, iterations: 1, inner_loop: 1}]"
+    code = main(["run", "quickstart", *TINY_RUN, "--set", methods, "--out", str(tmp_path / "r")])
+    assert code == 0
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "idc at IPC 1 stores 1.03" in summary and "trains networks on 4 per class" in summary
+    assert "random at IPC" not in summary
+    results = json.loads((tmp_path / "r" / "metrics.json").read_text())["results"]
+    assert results["idc"]["1"]["decoded_ipc"] == 4 and results["random"]["1"]["decoded_ipc"] == 1
