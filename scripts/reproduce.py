@@ -100,7 +100,7 @@ BUDGETS = {
             ("frepo", "*"): {"iterations": 100},
             ("dd", "*"): {"iterations": 50},
             ("sre2l", "*"): {"iterations": 200, "squeeze_steps": 500},
-            ("idc", "*"): {"iterations": 20, "inner_loop": 10},
+            ("idc", "*"): {"iterations": 10, "inner_loop": 5, "n_data": 500},
         },
         "num_eval": 3,
         "epochs": 100,
