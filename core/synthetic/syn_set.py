@@ -101,15 +101,9 @@ class SyntheticSet(nn.Module):
 
     def decoded(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """Detached (images, labels, soft labels) a network trains on: the set, decoded."""
-        images = self.images_syn.detach()
         soft = None if self.labels_soft is None else self.labels_soft.detach()
-        if self.decoder is None:
-            return decode_set(images, self.labels_syn, soft, self.decode)
-        with torch.no_grad():
-            decoded = self.decoder(images)
-        repeat = decoded.shape[0] // images.shape[0]
-        return (decoded, self.labels_syn.repeat_interleave(repeat),
-                None if soft is None else soft.repeat_interleave(repeat, dim=0))
+        weights = None if self.decoder is None else self.decoder.tensors()
+        return decode_set(self.images_syn.detach(), self.labels_syn, soft, self.decode, weights)
 
     def non_finite(self) -> list[str]:
         """Names of the learnable tensors that hold a NaN or an infinity."""
