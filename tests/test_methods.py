@@ -343,3 +343,15 @@ def test_every_method_yields_a_set_that_trains_a_network_above_chance(runs, digi
                                  device="cpu", seed=0, labels_soft=labels_soft)
     accuracy = evaluation.scores["convnet(width=16)"].mean
     assert 20.0 < accuracy <= 100.0, f"{method}: {accuracy:.1f} %"
+
+
+def test_an_infinite_option_is_refused_by_name():
+    """1e400 in YAML or --set reads as infinity; it must not reach a run (its JSON record
+    cannot hold it)."""
+    from ddsuite.core.errors import ConfigError
+    from ddsuite.core.methods import config_from_dict
+
+    with pytest.raises(ConfigError, match="diversity_weight must be a finite number, got inf"):
+        config_from_dict(get_method("haba").Config, {"ipc": 1, "diversity_weight": 1e400})
+    with pytest.raises(ConfigError, match="lr_images must be a finite number, got -inf"):
+        config_from_dict(get_method("dm").Config, {"ipc": 1, "lr_images": -1e400})

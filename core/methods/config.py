@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -50,6 +51,10 @@ class MethodConfig:
             out.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.batch_real < 1:
             out.append(f"batch_real must be >= 1, got {self.batch_real}")
+        for field in dataclasses.fields(self):  # 1e400 in YAML reads as infinity
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                out.append(f"{field.name} must be a finite number, got {value}")
         return out
 
     def resolve(self: C, *, dataset: str) -> C:
