@@ -78,10 +78,11 @@ class Hallucinators(nn.Module):
         images = bases.unsqueeze(1) + residual.view(n, self.count, c, h, w)
         return images.flatten(0, 1)
 
-    def tensors(self) -> dict[str, Tensor]:
-        """Detached CPU copies under their artifact keys (``decoder.<name>``)."""
-        return {DECODER_PREFIX + name: getattr(self, name).detach().cpu().contiguous()
-                for name in HALLUCINATOR_KEYS}
+    def tensors(self, *, cpu: bool = True) -> dict[str, Tensor]:
+        """Detached tensors under their artifact keys (``decoder.<name>``): CPU copies to
+        save, or (``cpu=False``) views where they live, to decode with."""
+        out = {DECODER_PREFIX + name: getattr(self, name).detach() for name in HALLUCINATOR_KEYS}
+        return {k: v.cpu().contiguous() for k, v in out.items()} if cpu else out
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:

@@ -102,7 +102,7 @@ class SyntheticSet(nn.Module):
     def decoded(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """Detached (images, labels, soft labels) a network trains on: the set, decoded."""
         soft = None if self.labels_soft is None else self.labels_soft.detach()
-        weights = None if self.decoder is None else self.decoder.tensors()
+        weights = None if self.decoder is None else self.decoder.tensors(cpu=False)
         return decode_set(self.images_syn.detach(), self.labels_syn, soft, self.decode, weights)
 
     def non_finite(self) -> list[str]:
