@@ -355,3 +355,6 @@ def test_an_infinite_option_is_refused_by_name():
         config_from_dict(get_method("haba").Config, {"ipc": 1, "diversity_weight": 1e400})
     with pytest.raises(ConfigError, match="lr_images must be a finite number, got -inf"):
         config_from_dict(get_method("dm").Config, {"ipc": 1, "lr_images": -1e400})
+    with pytest.raises(ConfigError, match=r"lr_images must be a finite number, got 1e\+308 "
+                                          r"\(at most 3.4e\+38"):
+        config_from_dict(get_method("haba").Config, {"ipc": 1, "lr_images": 1e308})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -12,6 +11,8 @@ from ..typed_config import describe_fields, from_dict
 __all__ = ["MethodConfig", "config_from_dict", "describe_config", "interpolate_anchors", "option"]
 
 C = TypeVar("C", bound="MethodConfig")
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 INIT_CHOICES = ("real", "noise", "random", "herding", "k-center")
 
@@ -51,10 +52,12 @@ class MethodConfig:
             out.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.batch_real < 1:
             out.append(f"batch_real must be >= 1, got {self.batch_real}")
-        for field in dataclasses.fields(self):  # 1e400 in YAML reads as infinity
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                out.append(f"{field.name} must be a finite number, got {value}")
+        for spec in dataclasses.fields(self):  # 1e400 in YAML reads as infinity
+            value = getattr(self, spec.name)
+            if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
+                # tensors are float32: 1e308 would overflow at the first update
+                out.append(f"{spec.name} must be a finite number, got {value} (at most "
+                           f"{FLOAT32_MAX:.3g} in magnitude: tensors are float32)")
         return out
 
     def resolve(self: C, *, dataset: str) -> C:
